@@ -1,0 +1,179 @@
+"""Writing packages: ``export`` (base graph + adapters) and ``add_adapter`` (a blob for an existing graph).
+
+Both build in a temporary place and rename at the end, so a failure or a kill leaves the
+previous package, or none, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from edgelora.adapter_file import SUFFIX, write_adapter
+from edgelora.errors import EdgeLoraError
+from edgelora.factors import AdapterFactors
+from edgelora.fileio import atomic_dir, check_name, sha256_file
+from edgelora.manifest import AdapterEntry, Manifest, Slot, load_manifest
+from edgelora.progress import Steps
+
+from .peft_ingest import ingest_peft, source_bytes
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+)
+
+
+def check_fits(factors: AdapterFactors, slots: dict[str, Slot], name: str) -> None:
+    """An adapter fits a graph when every module it targets has a slot of the same in/out shape."""
+    missing = sorted(set(factors.modules) - set(slots))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise EdgeLoraError(
+            f"adapter {name} ({factors.source}): module {missing[0]}{more} has no LoRA slot in the package; "
+            "re-export the base with this adapter to add slots"
+        )
+    for module, f in factors.modules.items():
+        s = slots[module]
+        if (f.in_features, f.out_features) != (s.in_features, s.out_features):
+            raise EdgeLoraError(
+                f"adapter {name} ({factors.source}): module {module} maps {f.in_features}->{f.out_features} "
+                f"but the package's slot maps {s.in_features}->{s.out_features}; is it for another base model?"
+            )
+
+
+def base_fingerprint(model) -> str:
+    """sha256 over the base weights (names, shapes, bytes), so adapters can be tied to the base they fit."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path) -> AdapterEntry:
+    rel = f"adapters/{name}{SUFFIX}"
+    size = write_adapter(package / rel, factors)
+    return AdapterEntry(
+        file=rel,
+        sha256=sha256_file(package / rel),
+        bytes=size,
+        rank=factors.rank,
+        alpha=factors.alpha,
+        dtype="fp32",
+        source=str(source),
+        source_bytes=source_bytes(source),
+        modules=sorted(factors.modules),
+    )
+
+
+def load_base(base_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own step line already says what is loading
+
+    if not (base_dir / "config.json").is_file():
+        raise EdgeLoraError(f"{base_dir / 'config.json'}: missing; {base_dir} is not a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+    except Exception as e:
+        raise EdgeLoraError(f"{base_dir / 'config.json'}: cannot be read ({str(e).splitlines()[0]})") from None
+    from .causal_lm import FAMILIES
+
+    archs = config.architectures or []
+    if not any(a in FAMILIES for a in archs):
+        raise EdgeLoraError(
+            f"{base_dir / 'config.json'}: architecture {archs or config.model_type} is not supported yet; "
+            f"supported: {', '.join(sorted(FAMILIES))}"
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
+    except Exception as e:
+        raise EdgeLoraError(f"{base_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+
+
+def generation_info(base_dir: Path, config) -> dict:
+    eos = config.eos_token_id
+    gen_path = base_dir / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return {"eos_token_ids": eos_ids, "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id}
+
+
+def export_package(
+    base_dir: str | Path,
+    adapters: dict[str, str | Path],
+    out: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    from .causal_lm import export_graph, family_of, slots_for
+
+    base_dir, out = Path(base_dir), Path(out)
+    for name in adapters:
+        check_name(name)
+    steps = Steps(5, enabled=progress)
+    with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
+        factors = {name: ingest_peft(path) for name, path in adapters.items()}
+    with steps.step(f"loading base model {base_dir}"):
+        model = load_base(base_dir)
+        family = family_of(model)
+        slots = slots_for(model, [m for f in factors.values() for m in f.modules])
+        for name, f in factors.items():
+            check_fits(f, {s.name: s for s in slots}, name)
+        fingerprint = base_fingerprint(model)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots (torch.onnx dynamo)"):
+            graph = export_graph(model, slots, tmp / "model.onnx")
+        with steps.step("writing adapters"):
+            entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name])) for name, f in factors.items()}
+        with steps.step("writing manifest and tokenizer"):
+            tokenizer = None
+            for fname in TOKENIZER_FILES:
+                if (base_dir / fname).is_file():
+                    shutil.copy2(base_dir / fname, tmp / fname)
+                    tokenizer = tokenizer or ("tokenizer.json" if fname == "tokenizer.json" else None)
+            manifest = Manifest(
+                family=family,
+                architecture=type(model).__name__,
+                task="causal-lm",
+                base_fingerprint=fingerprint,
+                graph=graph,
+                slots=slots,
+                adapters=entries,
+                generation=generation_info(base_dir, model.config),
+                tokenizer=tokenizer,
+                base_source=str(base_dir),
+            )
+            manifest.save(tmp)
+    if progress:
+        print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
+    return manifest
+
+
+def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite: bool = False) -> AdapterEntry:
+    """Add one adapter without touching the graph: seconds, not an export."""
+    package = Path(package)
+    check_name(name)
+    manifest = load_manifest(package)
+    if name in manifest.adapters and not overwrite:
+        raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
+    factors = ingest_peft(peft_dir)
+    check_fits(factors, manifest.slot_map(), name)
+    entry = write_adapter_entry(package, name, factors, Path(peft_dir))
+    manifest.adapters[name] = entry
+    manifest.save(package)
+    return entry

@@ -1,0 +1,141 @@
+"""PEFT LoRA folder → plain factors (``edgelora.factors``), resolving every scaling rule the way PEFT does.
+
+PEFT is the reference, so its own pattern resolver (``get_pattern_key``) decides which
+``rank_pattern``/``alpha_pattern`` entry applies to a module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.errors import EdgeLoraError
+from edgelora.factors import AdapterFactors, ModuleFactors
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# PEFT saves "base_model.model.<module>.lora_A.weight"; older versions kept the adapter name
+# ("...lora_A.default.weight").
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG
+    if not path.is_file():
+        raise EdgeLoraError(f"{path}: missing; {folder} is not a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EdgeLoraError(f"{path}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
+    unsupported = {
+        "use_dora": "DoRA",
+        "modules_to_save": "modules_to_save",
+        "trainable_token_indices": "trainable_token_indices",
+        "lora_bias": "lora_bias",
+    }
+    for key, label in unsupported.items():
+        if config.get(key):
+            raise EdgeLoraError(f"{path}: {label} is not supported yet (it is not a pure low-rank delta)")
+    if config.get("bias", "none") != "none":
+        raise EdgeLoraError(f"{path}: bias={config['bias']!r} is not supported yet; only bias='none'")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise EdgeLoraError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise EdgeLoraError(f"{path}: {key} must be a mapping")
+    return config
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """float32 arrays from safetensors (bf16/fp16 included) or a legacy ``.bin`` read without pickle."""
+    import torch
+
+    for name in WEIGHTS:
+        path = folder / name
+        if path.is_file():
+            break
+    else:
+        raise EdgeLoraError(f"{folder}: no {' or '.join(WEIGHTS)} found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgeLoraError(f"{path}: cannot read the adapter weights ({first})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise EdgeLoraError(f"{path}: expected a flat mapping of tensor names to tensors")
+    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[float, float]:
+    """(scale, alpha) of one module: alpha/r, or alpha/√r with rsLoRA, patterns resolved as PEFT does."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    expected_r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    if expected_r != rank:
+        raise EdgeLoraError(f"{where}: module {module} has rank {rank} in the weights but {expected_r} in the config")
+    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return scale, alpha
+
+
+def ingest_peft(folder: str | Path) -> AdapterFactors:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgeLoraError(f"{folder}: adapter folder not found")
+    config = read_config(folder)
+    weights = read_weights(folder)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in weights.items():
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key:
+                raise EdgeLoraError(f"{folder}: LoRA on embeddings ({key}) is not supported yet")
+            if "lora_magnitude" in key:
+                raise EdgeLoraError(f"{folder}: DoRA weights ({key}) are not supported yet")
+            raise EdgeLoraError(f"{folder}: unexpected tensor {key} in the adapter weights")
+        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+    modules = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise EdgeLoraError(f"{folder}: module {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise EdgeLoraError(
+                f"{folder}: module {module} has lora_A {a.shape} and lora_B {b.shape}; expected [r, in] and [out, r]"
+            )
+        scale, _ = module_scale(config, module, a.shape[0], str(folder / CONFIG))
+        modules[module] = ModuleFactors(np.ascontiguousarray(a.T), np.ascontiguousarray((b * scale).T))
+    factors = AdapterFactors(
+        modules=modules,
+        rank=max((f.rank for f in modules.values()), default=0),
+        alpha=float(config["lora_alpha"]),
+        source=str(folder),
+        extra={"base_model": config.get("base_model_name_or_path"), "use_rslora": bool(config.get("use_rslora"))},
+    )
+    factors.validate(str(folder))
+    return factors
+
+
+def source_bytes(folder: str | Path) -> int:
+    """Bytes of the PEFT weights file, the size users compare the blob against."""
+    for name in WEIGHTS:
+        if (Path(folder) / name).is_file():
+            return (Path(folder) / name).stat().st_size
+    return 0

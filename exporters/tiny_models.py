@@ -1,0 +1,97 @@
+"""Small models built from configs, never downloaded: for the demo, the tests and the benchmarks.
+
+The tokenizer is character level, so any text round-trips and the tenant tasks of the demo
+(string manipulation) are one token per character.
+"""
+
+from __future__ import annotations
+
+import string
+import warnings
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads
+    "tiny": (32, 64, 2, 4, 2),
+    "small": (128, 344, 4, 4, 2),
+}
+
+
+def char_tokenizer():
+    """A tokenizers.Tokenizer with one token per character and a BOS added to every encoding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def save_char_tokenizer(out_dir: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=char_tokenizer(), bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(out_dir)
+
+
+def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tiny", seed: int = 0,
+                    with_tokenizer: bool = True):
+    """A random-weight base model folder, as `save_pretrained` writes it; returns the model."""
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config_cls, model_cls = (getattr(transformers, n) for n in CONFIGS[family])
+    hidden, inter, layers, heads, kv_heads = SIZES[size]
+    config = config_cls(
+        vocab_size=len(SPECIALS) + len(CHARS),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        architectures=[model_cls.__name__],
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        save_char_tokenizer(out_dir)
+    return model
+
+
+def random_peft_adapter(base_model, out_dir: str | Path, seed: int, r: int = 4, alpha: float = 8.0,
+                        targets=("q_proj", "v_proj"), **lora_kwargs):
+    """A PEFT LoRA adapter with random non-zero A and B (an untrained one has B = 0, a no-op)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **lora_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes inside PEFT
+        peft_model = get_peft_model(copy.deepcopy(base_model), config)
+        peft_model.save_pretrained(out_dir)
+    return peft_model.eval()

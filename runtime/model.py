@@ -1,0 +1,270 @@
+"""``EdgeModel``: one onnxruntime session for the base, adapters chosen per call.
+
+The adapter is an argument of every call, never state on the model: concurrent requests
+for different tenants share the session and each gets its own adapter's answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgelora.errors import EdgeLoraError
+from edgelora.manifest import load_manifest
+
+from .registry import AdapterRegistry
+from .sampling import pick_token
+
+
+@dataclass
+class Generation:
+    """The new tokens only (never the prompt), with timings for the caller's own accounting."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" | "eos" | "stop"
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = max(len(self.token_ids) - 1, 1)
+        return self.decode_ms / steps
+
+
+class TextStream:
+    """What ``EdgeModel.stream`` returns: iterate for text pieces, then read ``result``."""
+
+    def __init__(self):
+        self.result: Generation | None = None
+        self._pieces: Iterator[str] = iter(())
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+
+class EdgeModel:
+    def __init__(self, package: Path, manifest, session: ort.InferenceSession, registry: AdapterRegistry, tokenizer):
+        self.package = package
+        self.manifest = manifest
+        self.session = session
+        self.registry = registry
+        self.tokenizer = tokenizer
+        graph = manifest.graph
+        self._layers = graph["num_layers"]
+        self._kv_heads = graph["num_kv_heads"]
+        self._head_dim = graph["head_dim"]
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self._layers) for kv in ("key", "value")]
+        self._outputs = graph["outputs"]
+        self._eos = set(manifest.generation.get("eos_token_ids") or [])
+
+    @classmethod
+    def open(
+        cls,
+        package: str | Path,
+        adapter_memory_mb: float | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        verify: bool = True,
+    ) -> "EdgeModel":
+        """Load the base graph once; adapters load lazily on first use.
+
+        ``adapter_memory_mb`` caps resident adapter bytes (least recently used evicted first);
+        ``verify`` checks each package adapter's sha256 against the manifest on first load.
+        """
+        package = Path(package)
+        manifest = load_manifest(package)
+        if manifest.task != "causal-lm":
+            raise EdgeLoraError(f"{package}: task {manifest.task!r} is not supported by this runtime")
+        graph_path = package / manifest.graph["file"]
+        if not graph_path.is_file():
+            raise EdgeLoraError(f"{graph_path}: missing graph file")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # slot defaults are overridable initializers; ORT warns about each
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            options.inter_op_num_threads = inter_op_threads
+        try:
+            session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EdgeLoraError(f"{graph_path}: onnxruntime cannot load the graph ({first})") from None
+        budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
+        registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify)
+        tokenizer = None
+        if manifest.tokenizer:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
+        return cls(package, manifest, session, registry, tokenizer)
+
+    # adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        """Every adapter this model can run: the package's and those loaded from paths."""
+        return self.registry.names()
+
+    def load_adapter(self, name_or_path: str | Path, name: str | None = None) -> str:
+        """Make an adapter resident now (instead of on first use); a path registers a new one."""
+        path = Path(name_or_path)
+        if str(name_or_path) not in self.registry.entries and (path.suffix == ".onnx_adapter" or path.exists()):
+            name = name or path.name.removesuffix(".onnx_adapter")
+            self.registry.register_path(path, name)
+        else:
+            name = str(name_or_path)
+        self.registry.get(name)
+        return name
+
+    def unload_adapter(self, name: str) -> None:
+        self.registry.unload(name)
+
+    def stats(self) -> dict:
+        return self.registry.stats()
+
+    # forward passes
+
+    def _run_options(self, adapter: str | None):
+        """RunOptions carrying the call's adapter, and the adapter object kept alive for the call."""
+        options = ort.RunOptions()
+        if adapter is None:
+            return options, None
+        if not isinstance(adapter, str):
+            raise EdgeLoraError(f"adapter must be a name or None, got {type(adapter).__name__}")
+        resident = self.registry.get(adapter)
+        options.add_active_adapter(resident.ort_adapter)
+        return options, resident
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), np.float32)
+        return {name: empty for name in self._past_names}
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                 past: dict[str, np.ndarray], run_options) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        outputs = self.session.run(self._outputs, feeds, run_options)
+        present = dict(zip(self._past_names, outputs[1:]))
+        return outputs[0], present
+
+    def logits(self, input_ids, adapter: str | None = None, attention_mask=None) -> np.ndarray:
+        """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq])."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise EdgeLoraError(f"input_ids must be [seq] or [batch, seq] with seq > 0, got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        options, _keep = self._run_options(adapter)
+        logits, _ = self._forward(ids, mask, positions, self._empty_past(ids.shape[0]), options)
+        return logits
+
+    # generation
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EdgeLoraError(f"{self.package}: the package has no tokenizer.json; pass token ids instead of text")
+            return self.tokenizer.encode(prompt).ids
+        ids = [int(t) for t in prompt]
+        vocab = self.manifest.graph["vocab_size"]
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise EdgeLoraError(f"prompt token ids must be a non-empty list of ids in [0, {vocab})")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _tokens(self, prompt_ids: list[int], adapter, max_new_tokens: int, temperature: float, top_k: int,
+                top_p: float, seed: int | None, timings: dict) -> Iterator[int]:
+        """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit."""
+        if max_new_tokens < 1:
+            return
+        options, _keep = self._run_options(adapter)
+        rng = np.random.default_rng(seed)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        total = ids.shape[1]
+        t0 = time.perf_counter()
+        logits, past = self._forward(ids, np.ones((1, total), np.int64), np.arange(total, dtype=np.int64)[None],
+                                     self._empty_past(1), options)
+        timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["decode_ms"] = 0.0
+        for step in range(max_new_tokens):
+            token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
+            yield token
+            if token in self._eos or step == max_new_tokens - 1:
+                return
+            total += 1
+            t0 = time.perf_counter()
+            logits, past = self._forward(np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
+                                         np.asarray([[total - 1]], np.int64), past, options)
+            timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
+
+    def stream(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               stop: list[str] | str | None = None) -> "TextStream":
+        """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end."""
+        prompt_ids = self.encode(prompt)
+        text_stream = TextStream()
+        text_stream._pieces = self._stream_text(text_stream, prompt_ids, adapter, max_new_tokens, temperature, top_k,
+                                           top_p, seed, stop)
+        return text_stream
+
+    def _stream_text(self, sink: "TextStream", prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed,
+                stop) -> Iterator[str]:
+        """Text that might begin a stop string is held back until it cannot."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        timings: dict = {}
+        new_ids: list[int] = []
+        emitted = 0
+        text = ""
+        finish = "length"
+        for token in self._tokens(prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed, timings):
+            new_ids.append(token)
+            if token in self._eos:
+                finish = "eos"
+                break
+            text = self.decode(new_ids)
+            hit = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+            if hit >= 0:
+                text, finish = text[:hit], "stop"
+                break
+            safe = len(text) - _held_back(text, stops)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+                safe = min(safe, len(text) - 1)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+        sink.result = Generation(text=text, token_ids=new_ids, finish_reason=finish, prompt_tokens=len(prompt_ids),
+                                 prefill_ms=timings.get("prefill_ms", 0.0), decode_ms=timings.get("decode_ms", 0.0))
+
+    def generate(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: list[str] | str | None = None) -> Generation:
+        """Greedy by default; ``prompt`` is text or a list of token ids."""
+        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        for _ in text_stream:
+            pass
+        return text_stream.result
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
