@@ -68,7 +68,8 @@ def peft_logits(peft_model, ids: list[int]) -> np.ndarray:
         return peft_model(torch.tensor([ids])).logits.numpy()
 
 
-def run_demo(out: str | Path) -> None:
+def run_demo(out: str | Path) -> dict:
+    """Run the whole demo, print its table, and return its rows for callers (the tests) to check."""
     import torch
 
     from edgelora.runtime import EdgeModel
@@ -90,13 +91,17 @@ def run_demo(out: str | Path) -> None:
     ids = model.encode(PROMPT)
     print(f"\nprompt: {PROMPT!r}\n")
     print(f"{'adapter':<8} {'answer (greedy, 24 tokens)':<34} {'max |Δ logits| vs PEFT':>22} {'decode ms/tok':>13}")
+    rows = {}
     for name in [None, *peft_models]:
         result = model.generate(PROMPT, adapter=name, max_new_tokens=24)
         reference = peft_logits(base if name is None else peft_models[name], ids)
         diff = float(np.abs(model.logits(ids, adapter=name) - reference).max())
+        rows[name] = {"text": result.text, "max_abs_diff": diff, "decode_ms_per_token": result.decode_ms_per_token}
         print(f"{name or '(none)':<8} {result.text!r:<34} {diff:>22.2e} {result.decode_ms_per_token:>13.2f}")
     stats = model.stats()
     loads = ", ".join(f"{n} {ms:.2f} ms" for n, ms in stats["load_ms"].items())
-    print(f"\nhot swap between adapters: {hot_swap_us(model, list(peft_models)):.1f} µs (median); cold loads: {loads}")
+    swap_us = hot_swap_us(model, list(peft_models))
+    print(f"\nhot swap between adapters: {swap_us:.1f} µs (median); cold loads: {loads}")
     print(f"resident adapter bytes: {stats['resident_bytes']:,}; demo took {time.perf_counter() - t_start:.0f}s")
     print(f"try: edgelora generate {package} --adapter {TENANTS[0].name} --prompt {PROMPT!r}")
+    return {"rows": rows, "hot_swap_us": swap_us, "package": package}

@@ -33,7 +33,18 @@ TOKENIZER_FILES = (
 
 
 def check_fits(factors: AdapterFactors, slots: dict[str, Slot], name: str) -> None:
-    """An adapter fits a graph when every module it targets has a slot of the same in/out shape."""
+    """An adapter fits a graph when every module it targets has a slot of the same in/out shape.
+
+    Shapes are checked first: an adapter for another base usually also targets modules the
+    package lacks, and "another base model" is the more useful thing to hear.
+    """
+    for module, f in sorted(factors.modules.items()):
+        s = slots.get(module)
+        if s is not None and (f.in_features, f.out_features) != (s.in_features, s.out_features):
+            raise EdgeLoraError(
+                f"adapter {name} ({factors.source}): module {module} maps {f.in_features}->{f.out_features} "
+                f"but the package's slot maps {s.in_features}->{s.out_features}; is it for another base model?"
+            )
     missing = sorted(set(factors.modules) - set(slots))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -41,13 +52,6 @@ def check_fits(factors: AdapterFactors, slots: dict[str, Slot], name: str) -> No
             f"adapter {name} ({factors.source}): module {missing[0]}{more} has no LoRA slot in the package; "
             "re-export the base with this adapter to add slots"
         )
-    for module, f in factors.modules.items():
-        s = slots[module]
-        if (f.in_features, f.out_features) != (s.in_features, s.out_features):
-            raise EdgeLoraError(
-                f"adapter {name} ({factors.source}): module {module} maps {f.in_features}->{f.out_features} "
-                f"but the package's slot maps {s.in_features}->{s.out_features}; is it for another base model?"
-            )
 
 
 def base_fingerprint(model) -> str:
@@ -78,11 +82,11 @@ def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, sourc
     )
 
 
-def load_base(base_dir: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def check_base_dir(base_dir: Path) -> None:
+    """Refuse a wrong base folder before minutes of work start, from its config alone."""
+    from transformers import AutoConfig
 
-    hf_logging.disable_progress_bar()  # our own step line already says what is loading
+    from .causal_lm import FAMILIES
 
     if not (base_dir / "config.json").is_file():
         raise EdgeLoraError(f"{base_dir / 'config.json'}: missing; {base_dir} is not a Hugging Face model folder")
@@ -90,14 +94,19 @@ def load_base(base_dir: Path):
         config = AutoConfig.from_pretrained(base_dir)
     except Exception as e:
         raise EdgeLoraError(f"{base_dir / 'config.json'}: cannot be read ({str(e).splitlines()[0]})") from None
-    from .causal_lm import FAMILIES
-
     archs = config.architectures or []
     if not any(a in FAMILIES for a in archs):
         raise EdgeLoraError(
             f"{base_dir / 'config.json'}: architecture {archs or config.model_type} is not supported yet; "
             f"supported: {', '.join(sorted(FAMILIES))}"
         )
+
+
+def load_base(base_dir: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own step line already says what is loading
     try:
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
     except Exception as e:
@@ -125,6 +134,9 @@ def export_package(
     base_dir, out = Path(base_dir), Path(out)
     for name in adapters:
         check_name(name)
+    check_base_dir(base_dir)
+    if out.exists() and not overwrite:
+        raise EdgeLoraError(f"{out}: already exists (pass --overwrite to replace it)")
     steps = Steps(5, enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
         factors = {name: ingest_peft(path) for name, path in adapters.items()}

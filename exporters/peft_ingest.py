@@ -107,6 +107,11 @@ def ingest_peft(folder: str | Path) -> AdapterFactors:
         if m is None:
             if "lora_embedding" in key:
                 raise EdgeLoraError(f"{folder}: LoRA on embeddings ({key}) is not supported yet")
+            if key.endswith(".base_layer.weight") or key.endswith("embed_tokens.weight"):
+                raise EdgeLoraError(
+                    f"{folder}: the adapter carries a full copy of a base weight ({key}, saved by PEFT's "
+                    "save_embedding_layers); that is not a low-rank delta and is not supported yet"
+                )
             if "lora_magnitude" in key:
                 raise EdgeLoraError(f"{folder}: DoRA weights ({key}) are not supported yet")
             raise EdgeLoraError(f"{folder}: unexpected tensor {key} in the adapter weights")

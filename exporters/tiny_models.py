@@ -93,5 +93,5 @@ def random_peft_adapter(base_model, out_dir: str | Path, seed: int, r: int = 4, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes inside PEFT
         peft_model = get_peft_model(copy.deepcopy(base_model), config)
-        peft_model.save_pretrained(out_dir)
+        peft_model.save_pretrained(out_dir, save_embedding_layers=False)
     return peft_model.eval()

@@ -1,0 +1,66 @@
+"""Adding adapters to an existing package: fast, checked against the slots, usable at once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from edgelora.cli import main
+from conftest import make_adapter
+from test_parity import IDS, TOL
+
+
+def run_cli(*args):
+    """(exit code, stdout, stderr) of one CLI call."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_added_adapter_matches_peft(llama, fresh_package, tmp_path):
+    from edgelora.runtime import EdgeModel
+
+    peft_model = make_adapter(llama.base, tmp_path / "extra", "patterns", seed=7)
+    code, out, _ = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
+    assert code == 0, out
+    assert "added extra" in out
+    manifest = json.loads((fresh_package / "edgelora.json").read_text())
+    assert manifest["adapters"]["extra"]["file"] == "adapters/extra.onnx_adapter"
+    import torch
+
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(IDS)).logits.numpy()
+    got = EdgeModel.open(fresh_package).logits(IDS, adapter="extra")
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_adapter_without_a_slot_is_refused(llama, fresh_package, tmp_path):
+    """Every projection of the test package has a slot; the LM head has none."""
+    from edgelora.exporters.tiny_models import random_peft_adapter
+
+    random_peft_adapter(llama.base, tmp_path / "b", seed=2, targets=("lm_head",))
+    code, _, out = run_cli("add-adapter", fresh_package, f"b={tmp_path / 'b'}")
+    assert code == 2
+    assert out.count("\n") == 1 and "lm_head has no LoRA slot" in out
+    assert "b" not in json.loads((fresh_package / "edgelora.json").read_text())["adapters"]
+
+
+def test_adapter_for_another_base_is_refused(fresh_package, tmp_path):
+    from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+
+    other = build_causal_lm(tmp_path / "other", family="llama", size="small", seed=3, with_tokenizer=False)
+    random_peft_adapter(other, tmp_path / "o", seed=4)
+    code, _, out = run_cli("add-adapter", fresh_package, f"o={tmp_path / 'o'}")
+    assert code == 2
+    assert out.count("\n") == 1
+    assert "maps 128->128 but the package's slot maps 32->32" in out
+    assert not (fresh_package / "adapters/o.onnx_adapter").exists()
+
+
+def test_bad_names_and_duplicates_are_refused(llama, fresh_package):
+    for bad in ("../evil", "a/b", ".hidden", "x\0y"):
+        code, _, out = run_cli("add-adapter", fresh_package, f"{bad}={llama.adapter_dirs['plain']}")
+        assert code == 2 and "is not allowed" in out, bad
+    code, _, out = run_cli("add-adapter", fresh_package, f"plain={llama.adapter_dirs['plain']}")
+    assert code == 2 and "already exists" in out

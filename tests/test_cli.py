@@ -1,0 +1,37 @@
+"""The CLI as a user runs it: export with progress, inspect, generate; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+from test_add_adapter import run_cli
+
+
+def test_export_inspect_generate(llama, tmp_path):
+    out = tmp_path / "pkg"
+    code, text, progress = run_cli("export", llama.base_dir, "--adapter", f"a={llama.adapter_dirs['plain']}",
+                                   "--out", out)
+    assert code == 0, progress
+    assert "[3/5] exporting the llama graph with 4 LoRA slots" in progress and f"wrote {out}" in text
+    code, text, _ = run_cli("inspect", out)
+    assert code == 0 and "LlamaForCausalLM" in text and "slots       4: q_proj, v_proj" in text
+    assert "a                       4 fp32" in text
+    code, text, _ = run_cli("generate", out, "--adapter", "a", "--prompt", "Hello", "--max-new-tokens", "5")
+    assert code == 0 and len(text.strip("\n")) > 0
+    code, _, text = run_cli("export", llama.base_dir, "--out", out)
+    assert code == 2 and "already exists (pass --overwrite" in text
+
+
+def test_bad_inputs_are_one_line_with_exit_2(llama, tmp_path):
+    cases = [
+        (["export", tmp_path / "nothing", "--out", tmp_path / "o"], "config.json: missing"),
+        (["export", llama.base_dir, "--adapter", "noequals", "--out", tmp_path / "o"], "expected NAME=PEFT_DIR"),
+        (["export", llama.base_dir, "--adapter", f"x={tmp_path}", "--out", tmp_path / "o"], "adapter_config.json: missing"),
+        (["inspect", tmp_path], "edgelora.json: missing"),
+        (["generate", llama.package, "--adapter", "zzz", "--prompt", "x"], "unknown adapter 'zzz'"),
+    ]
+    for args, message in cases:
+        code, _, text = run_cli(*args)
+        assert code == 2, (args, text)
+        lines = text.splitlines()  # a progress line may precede it: "[1/5] reading ... failed"
+        assert lines[-1].startswith("edgelora: error: ") and message in lines[-1], text
+        assert text.count("edgelora: error:") == 1 and "Traceback" not in text
+    assert not (tmp_path / "o").exists()
