@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import codec
 from .errors import EdgeLoraError
 from .factors import AdapterFactors, ModuleFactors
 from .fileio import atomic_path
@@ -22,25 +23,29 @@ ADAPTER_VERSION = 1
 
 
 def slot_inputs(module: str) -> tuple[str, str]:
-    """Graph input names of a module's slot: the ``a`` [in, r] and ``b`` [r, out] factors."""
+    """The float factors of a module's slot inside the graph: ``a`` [in, r] and ``b`` [r, out].
+
+    With fp32 slots these are the graph inputs; other codecs feed them through ``codec.param_names``.
+    """
     return f"{module}.lora_A", f"{module}.lora_B"
 
 
-def adapter_parameters(factors: AdapterFactors) -> dict[str, np.ndarray]:
+def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> dict[str, np.ndarray]:
     params = {}
     for module, f in factors.modules.items():
         a_name, b_name = slot_inputs(module)
-        params[a_name] = np.ascontiguousarray(f.a, dtype=np.float32)
-        params[b_name] = np.ascontiguousarray(f.b, dtype=np.float32)
+        params.update(codec.encode(a_name, f.a, dtype, block))
+        params.update(codec.encode(b_name, f.b, dtype, block))
     return params
 
 
-def write_adapter(path: str | os.PathLike, factors: AdapterFactors) -> int:
-    """Write atomically; returns the file's size in bytes."""
+def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> int:
+    """Write atomically in the given codec; returns the file's size in bytes."""
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in adapter_parameters(factors).items()})
+    params = adapter_parameters(factors, dtype, block)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     with atomic_path(path) as tmp:
         fmt.export_adapter(str(tmp))
     return Path(path).stat().st_size
@@ -55,28 +60,35 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise EdgeLoraError(f"{path}: adapter file is empty")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
-        return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        # copies: the arrays may view memory that dies with ``fmt``
+        return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
     except Exception as e:  # ORT raises bare RuntimeErrors with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeLoraError(f"{path}: not a readable .onnx_adapter file ({first})") from None
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterFactors:
-    """Back to factors, for add-adapter checks, composition and round-trip tests."""
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterFactors, str]:
+    """Back to float factors (as the graph dequantizes them) and the blob's codec.
+
+    Used for compatibility checks, quality reports and round-trip tests.
+    """
     params = read_parameters(path)
+    dtype = codec.dtype_of(params)
+    tensors = {codec.tensor_of(name, dtype) for name in params}
     modules = {}
-    for name in params:
-        if name.endswith(".lora_A"):
-            module = name[: -len(".lora_A")]
-            b_name = slot_inputs(module)[1]
-            if b_name not in params:
-                raise EdgeLoraError(f"{path}: parameter {name} has no matching {b_name}")
-            modules[module] = ModuleFactors(params[name], params[b_name])
-        elif not name.endswith(".lora_B"):
-            raise EdgeLoraError(f"{path}: unexpected parameter {name}")
-    if len(modules) * 2 != len(params):
-        raise EdgeLoraError(f"{path}: some lora_B parameters have no matching lora_A")
+    for tensor in sorted(tensors):
+        if not tensor.endswith((".lora_A", ".lora_B")):
+            raise EdgeLoraError(f"{path}: unexpected parameter {tensor}")
+        module = tensor.rsplit(".", 1)[0]
+        if module in modules:
+            continue
+        expected = [n for t in slot_inputs(module) for n in codec.param_names(t, dtype)]
+        missing = [n for n in expected if n not in params]
+        if missing:
+            raise EdgeLoraError(f"{path}: module {module} lacks parameter {missing[0]}")
+        a, b = (codec.decode(t, params, dtype) for t in slot_inputs(module))
+        modules[module] = ModuleFactors(a, b)
     rank = max((f.rank for f in modules.values()), default=0)
     factors = AdapterFactors(modules=modules, rank=rank, alpha=float("nan"), source=str(path))
     factors.validate(str(path))
-    return factors
+    return factors, dtype

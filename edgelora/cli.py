@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .codec import DTYPES
 from .errors import EdgeLoraError
 
 
@@ -48,30 +49,43 @@ def main():
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PEFT_DIR",
               help="A PEFT LoRA adapter folder to package; repeat for several.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Package directory to write.")
+@click.option("--adapter-dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
+              help="How adapter factors are stored (and kept in memory); dequantized inside the graph.")
+@click.option("--block-size", type=click.Choice(["32", "64"]), default="32", show_default=True,
+              help="Block along the reduction axis for int4 factors and int4/int8 base weights.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Base weights as MatMulNBits (LM head included, LoRA slots never).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits accuracy level (4: int8 compute, fastest on CPU).")
+@click.option("--mode", type=click.Choice(["separate", "merged"]), default="separate", show_default=True,
+              help="merged: one graph per adapter with the delta folded in before quantization.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export(base_dir, adapters, out, overwrite, quiet):
+def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, overwrite, quiet):
     """Export BASE_DIR (a Hugging Face causal LM folder) with one LoRA slot per targeted module."""
     from .exporters.package_writer import export_package
 
     specs = dict(parse_adapter_spec(s) for s in adapters)
     if len(specs) != len(adapters):
         raise EdgeLoraError("--adapter: the same name is given twice")
-    export_package(base_dir, specs, out, overwrite=overwrite, progress=not quiet)
+    export_package(base_dir, specs, out, overwrite=overwrite, progress=not quiet, adapter_dtype=adapter_dtype,
+                   block_size=int(block_size), quantize=quantize, accuracy_level=accuracy_level, mode=mode)
 
 
 @main.command("add-adapter")
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("spec", metavar="NAME=PEFT_DIR")
+@click.option("--adapter-dtype", type=click.Choice(DTYPES), default=None,
+              help="Defaults to the codec of the package's slots (the only one its graph takes).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of the same name.")
-def add_adapter_cmd(package, spec, overwrite):
+def add_adapter_cmd(package, spec, adapter_dtype, overwrite):
     """Add a PEFT adapter to an existing package without re-exporting the base."""
     from .exporters.package_writer import add_adapter
 
     t0 = time.perf_counter()
     name, path = parse_adapter_spec(spec)
-    entry = add_adapter(package, name, path, overwrite=overwrite)
-    click.echo(f"added {name}: {entry.file}, rank {entry.rank}, {human_bytes(entry.bytes)} "
+    entry = add_adapter(package, name, path, overwrite=overwrite, adapter_dtype=adapter_dtype)
+    click.echo(f"added {name}: {entry.file}, {entry.dtype}, rank {entry.rank}, {human_bytes(entry.bytes)} "
                f"in {time.perf_counter() - t0:.1f}s")
 
 
@@ -82,21 +96,27 @@ def inspect(package):
     from .manifest import load_manifest
 
     m = load_manifest(package)
-    graph = package / m.graph["file"]
-    data = package / (m.graph["file"] + ".data")
-    base_bytes = graph.stat().st_size + (data.stat().st_size if data.exists() else 0) if graph.exists() else 0
+    base_bytes = m.base_bytes
     g = m.graph
     click.echo(f"package     {package}  (format {m.format_version}, {m.created_by})")
     click.echo(f"model       {m.architecture} ({m.family}, {m.task}), {g['num_layers']} layers, vocab {g['vocab_size']}")
     click.echo(f"base        {human_bytes(base_bytes)}, quantization {m.base_quantization}, {m.base_fingerprint[:23]}…")
     click.echo(f"slots       {len(m.slots)}: {', '.join(sorted({s.name.rsplit('.', 1)[-1] for s in m.slots}))}")
     click.echo(f"tokenizer   {m.tokenizer or 'none'}")
+    click.echo(f"mode        {m.mode}" + ("" if m.mode == "merged" else f", adapter codec {m.adapter_dtype}"))
     click.echo(f"adapters    {len(m.adapters)}")
     if m.adapters:
-        click.echo(f"  {'name':<20} {'rank':>4} {'dtype':<5} {'modules':>7} {'bytes':>10} {'PEFT bytes':>10}")
+        click.echo(f"  {'name':<16} {'rank':>4} {'dtype':<6} {'modules':>7} {'bytes':>10} {'PEFT bytes':>10} "
+                   f"{'ratio':>6} {'Δ rel.err':>9} {'top-1':>6}")
         for name, a in sorted(m.adapters.items()):
-            click.echo(f"  {name:<20} {a.rank:>4} {a.dtype:<5} {len(a.modules):>7} {human_bytes(a.bytes):>10} "
-                       f"{human_bytes(a.source_bytes):>10}")
+            q = m.quality.get(name, {})
+            err = "-" if q.get("delta_rel_error") is None else f"{q['delta_rel_error']:.1e}"
+            top1 = f"{q['top1_agreement']:.1%}" if "top1_agreement" in q else "-"
+            ratio = f"{a.bytes / a.source_bytes:.1%}" if a.source_bytes else "-"
+            click.echo(f"  {name:<16} {a.rank:>4} {a.dtype:<6} {len(a.modules):>7} {human_bytes(a.bytes):>10} "
+                       f"{human_bytes(a.source_bytes):>10} {ratio:>6} {err:>9} {top1:>6}")
+        total = m.base_bytes + sum(a.bytes for a in m.adapters.values())
+        click.echo(f"total       {human_bytes(total)} (base + adapters)")
 
 
 @main.command()

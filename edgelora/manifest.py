@@ -20,8 +20,8 @@ class Slot:
     """One LoRA slot of the graph: a target module whose delta enters through two graph inputs."""
 
     name: str  # the module path in the base model, e.g. model.layers.0.self_attn.q_proj
-    a: str  # graph input of the [in, r] factor
-    b: str  # graph input of the [r, out] factor
+    a: str  # the float [in, r] factor in the graph; its graph inputs are codec.param_names(a, dtype)
+    b: str  # the float [r, out] factor, scale folded in
     in_features: int
     out_features: int
     dtype: str = "fp32"
@@ -51,7 +51,12 @@ class Manifest:
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     generation: dict = field(default_factory=dict)  # eos_token_ids, bos_token_id, pad_token_id
     tokenizer: str | None = None
+    mode: str = "separate"  # or "merged": adapters[NAME].file is then merged/NAME/model.onnx
+    adapter_dtype: str = "fp32"  # the codec every slot takes (edgelora.codec)
+    adapter_block_size: int = 32  # int4 block along the reduction axis
     base_quantization: str = "none"
+    base_bytes: int = 0
+    quality: dict = field(default_factory=dict)  # per adapter ("" = the base): dtype, delta_rel_error, top1_agreement
     base_source: str = ""
     format_version: int = FORMAT_VERSION
     created_by: str = f"edgelora {__version__}"

@@ -10,14 +10,16 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from edgelora import codec
 from edgelora.adapter_file import slot_inputs
 from edgelora.errors import EdgeLoraError
 from edgelora.manifest import Slot
+
+from .base_quant import quantize_base
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -78,7 +80,7 @@ class SlottedCausalLM(nn.Module):
 @contextmanager
 def quiet_exporter():
     """The exporter's warnings (unused axis names, torchvision ops) say nothing actionable to our users."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -113,7 +115,7 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def slots_for(model: nn.Module, modules: list[str]) -> list[Slot]:
+def slots_for(model: nn.Module, modules: list[str], dtype: str = "fp32") -> list[Slot]:
     """Slots for the given module paths, which must be nn.Linear layers of the model."""
     slots = []
     for name in sorted(set(modules)):
@@ -124,12 +126,18 @@ def slots_for(model: nn.Module, modules: list[str]) -> list[Slot]:
         if not isinstance(module, nn.Linear):
             raise EdgeLoraError(f"module {name} is a {type(module).__name__}; only Linear layers take LoRA slots yet")
         a, b = slot_inputs(name)
-        slots.append(Slot(name=name, a=a, b=b, in_features=module.in_features, out_features=module.out_features))
+        slots.append(Slot(name=name, a=a, b=b, in_features=module.in_features, out_features=module.out_features,
+                          dtype=dtype))
     return slots
 
 
-def export_graph(model: nn.Module, slots: list[Slot], path: Path) -> dict:
-    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest."""
+def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
+                 block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
+    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest.
+
+    Slots are traced as float inputs, then rewritten to take ``adapter_dtype`` factors with the
+    dequantization in the graph, so one trace serves every codec.
+    """
     config = model.config
     layers = config.num_hidden_layers
     kv_heads, head_dim = cache_shape(config)
@@ -177,7 +185,8 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path) -> dict:
     proto = program.model_proto
     _check_io(proto, inputs + lora_names, outputs)
     _rename_dynamic_dims(proto)
-    _add_slot_defaults(proto, slots)
+    codec.encode_slots(proto, lora_names, adapter_dtype, block)
+    proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(
         proto,
@@ -196,6 +205,9 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path) -> dict:
         "head_dim": head_dim,
         "vocab_size": config.vocab_size,
         "opset": OPSET,
+        "quantization": quantize,
+        "quantization_block_size": block,
+        "accuracy_level": accuracy_level,
     }
 
 
@@ -214,10 +226,3 @@ def _rename_dynamic_dims(proto: onnx.ModelProto) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param.startswith("rank_"):
                 dim.dim_param = "rank_" + value.name.rsplit(".", 1)[0]
-
-
-def _add_slot_defaults(proto: onnx.ModelProto, slots: list[Slot]) -> None:
-    """Zero rank-1 factors as overridable defaults: a run without an adapter is the base model."""
-    for s in slots:
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s.in_features, 1), np.float32), s.a))
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, s.out_features), np.float32), s.b))

@@ -56,7 +56,7 @@ def hot_swap_us(model, names: list[str], rounds: int = 2000) -> float:
     samples = []
     for i in range(rounds):
         t0 = time.perf_counter_ns()
-        model._run_options(names[i % len(names)])
+        model._bind(names[i % len(names)])
         samples.append(time.perf_counter_ns() - t0)
     return float(np.median(samples)) / 1e3
 

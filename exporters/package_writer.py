@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from edgelora.adapter_file import SUFFIX, write_adapter
+from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
 from edgelora.fileio import atomic_dir, check_name, sha256_file
@@ -66,16 +68,17 @@ def base_fingerprint(model) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path) -> AdapterEntry:
+def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path, dtype: str,
+                        block: int) -> AdapterEntry:
     rel = f"adapters/{name}{SUFFIX}"
-    size = write_adapter(package / rel, factors)
+    size = write_adapter(package / rel, factors, dtype, block)
     return AdapterEntry(
         file=rel,
         sha256=sha256_file(package / rel),
         bytes=size,
         rank=factors.rank,
         alpha=factors.alpha,
-        dtype="fp32",
+        dtype=dtype,
         source=str(source),
         source_bytes=source_bytes(source),
         modules=sorted(factors.modules),
@@ -122,36 +125,70 @@ def generation_info(base_dir: Path, config) -> dict:
     return {"eos_token_ids": eos_ids, "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id}
 
 
+def graph_bytes(graph_path: Path) -> int:
+    data = graph_path.with_name(graph_path.name + ".data")
+    return graph_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def export_package(
     base_dir: str | Path,
     adapters: dict[str, str | Path],
     out: str | Path,
     overwrite: bool = False,
     progress: bool = True,
+    adapter_dtype: str = "fp32",
+    block_size: int = 32,
+    quantize: str = "none",
+    accuracy_level: int | None = None,
+    mode: str = "separate",
 ) -> Manifest:
+    """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in."""
     from .causal_lm import export_graph, family_of, slots_for
+    from .merge import merged_copy
 
     base_dir, out = Path(base_dir), Path(out)
+    check_dtype(adapter_dtype)
+    if block_size not in BLOCK_SIZES:
+        raise EdgeLoraError(f"--block-size {block_size}: use one of {', '.join(map(str, BLOCK_SIZES))}")
+    if mode not in ("separate", "merged"):
+        raise EdgeLoraError(f"--mode {mode!r}: use separate or merged")
     for name in adapters:
         check_name(name)
     check_base_dir(base_dir)
     if out.exists() and not overwrite:
         raise EdgeLoraError(f"{out}: already exists (pass --overwrite to replace it)")
-    steps = Steps(5, enabled=progress)
+    merged = mode == "merged"
+    steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
         factors = {name: ingest_peft(path) for name, path in adapters.items()}
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir)
         family = family_of(model)
-        slots = slots_for(model, [m for f in factors.values() for m in f.modules])
+        targets = [] if merged else [m for f in factors.values() for m in f.modules]
+        slots = slots_for(model, targets, adapter_dtype)
         for name, f in factors.items():
-            check_fits(f, {s.name: s for s in slots}, name)
+            check_fits(f, {s.name: s for s in slots_for(model, list(f.modules))}, name)
         fingerprint = base_fingerprint(model)
+    quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots (torch.onnx dynamo)"):
-            graph = export_graph(model, slots, tmp / "model.onnx")
-        with steps.step("writing adapters"):
-            entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name])) for name, f in factors.items()}
+        with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
+            graph = export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize, accuracy_level)
+        entries = {}
+        if merged:
+            for name, f in factors.items():
+                path = tmp / "merged" / name / "model.onnx"
+                with steps.step(f"exporting merged graph {name}{quant}"):
+                    export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
+                                 accuracy_level)
+                entries[name] = AdapterEntry(
+                    file=str(path.relative_to(tmp)), sha256=sha256_file(path), bytes=graph_bytes(path),
+                    rank=f.rank, alpha=f.alpha, dtype="merged", source=str(adapters[name]),
+                    source_bytes=source_bytes(adapters[name]), modules=sorted(f.modules),
+                )
+        with steps.step(f"writing {'merged entries' if merged else adapter_dtype + ' adapters'}"):
+            if not merged:
+                entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name]), adapter_dtype, block_size)
+                           for name, f in factors.items()}
         with steps.step("writing manifest and tokenizer"):
             tokenizer = None
             for fname in TOKENIZER_FILES:
@@ -168,24 +205,70 @@ def export_package(
                 adapters=entries,
                 generation=generation_info(base_dir, model.config),
                 tokenizer=tokenizer,
+                mode=mode,
+                adapter_dtype=adapter_dtype,
+                adapter_block_size=block_size,
+                base_quantization=quantize,
+                base_bytes=graph_bytes(tmp / "model.onnx"),
                 base_source=str(base_dir),
             )
             manifest.save(tmp)
+        with steps.step("measuring quality against fp32 on a probe batch"):
+            manifest.quality = quality_report(model, factors, tmp, manifest)
+            manifest.save(tmp)
     if progress:
+        for name, q in manifest.quality.items():
+            err = "" if q["delta_rel_error"] is None else f"delta rel. error {q['delta_rel_error']:.2e}, "
+            print(f"  {name or '(base)'}: {err}top-1 agreement {q['top1_agreement']:.1%}", file=sys.stderr)
         print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
     return manifest
 
 
-def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite: bool = False) -> AdapterEntry:
-    """Add one adapter without touching the graph: seconds, not an export."""
+def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest) -> dict:
+    """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
+    from edgelora.runtime import EdgeModel
+
+    from .merge import merged_copy
+    from .quality import delta_error, probe_ids, top1_agreement, torch_logits
+
+    runtime = EdgeModel.open(package)
+    ids = probe_ids(manifest.graph["vocab_size"])
+    report = {"": {"dtype": manifest.base_quantization, "delta_rel_error": None,
+                   "top1_agreement": top1_agreement(torch_logits(model, ids), runtime.logits(ids))}}
+    for name, f in factors.items():
+        entry = manifest.adapters[name]
+        reference = torch_logits(merged_copy(model, f, name), ids)
+        report[name] = {
+            "dtype": entry.dtype,
+            "delta_rel_error": None if manifest.mode == "merged" else delta_error(f, package / entry.file),
+            "top1_agreement": top1_agreement(reference, runtime.logits(ids, adapter=name)),
+        }
+    return report
+
+
+def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite: bool = False,
+                adapter_dtype: str | None = None) -> AdapterEntry:
+    """Add one adapter without touching the graph: seconds, not an export.
+
+    The PEFT weights are float, so they are encoded in the package's codec; asking for another
+    codec is refused, since the graph's slots take exactly one.
+    """
     package = Path(package)
     check_name(name)
     manifest = load_manifest(package)
+    if manifest.mode == "merged":
+        raise EdgeLoraError(f"{package}: a merged package has one graph per adapter; re-export it with the new adapter")
+    if adapter_dtype is not None and check_dtype(adapter_dtype) != manifest.adapter_dtype:
+        raise EdgeLoraError(
+            f"{package}: the graph's LoRA slots take {manifest.adapter_dtype} factors, not {adapter_dtype}; "
+            f"omit --adapter-dtype, or re-export the base with --adapter-dtype {adapter_dtype}"
+        )
     if name in manifest.adapters and not overwrite:
         raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
-    entry = write_adapter_entry(package, name, factors, Path(peft_dir))
+    entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.adapter_dtype,
+                                manifest.adapter_block_size)
     manifest.adapters[name] = entry
     manifest.save(package)
     return entry

@@ -48,8 +48,12 @@ def save_char_tokenizer(out_dir: Path) -> None:
 
 
 def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tiny", seed: int = 0,
-                    with_tokenizer: bool = True):
-    """A random-weight base model folder, as `save_pretrained` writes it; returns the model."""
+                    with_tokenizer: bool = True, initializer_range: float = 0.02):
+    """A random-weight base model folder, as `save_pretrained` writes it; returns the model.
+
+    At the usual ``initializer_range`` of 0.02 the logits are nearly flat, so top-1 flips on noise;
+    quality probes use a larger range to get margins like a trained model's.
+    """
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -69,6 +73,7 @@ def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tin
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
         architectures=[model_cls.__name__],
     )
     torch.manual_seed(seed)

@@ -6,6 +6,7 @@ for different tenants share the session and each gets its own adapter's answer.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ class TextStream:
 
 
 class EdgeModel:
-    def __init__(self, package: Path, manifest, session: ort.InferenceSession, registry: AdapterRegistry, tokenizer):
+    def __init__(self, package: Path, manifest, session: ort.InferenceSession, registry: AdapterRegistry, tokenizer,
+                 options: ort.SessionOptions):
         self.package = package
         self.manifest = manifest
         self.session = session
@@ -63,6 +65,9 @@ class EdgeModel:
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self._layers) for kv in ("key", "value")]
         self._outputs = graph["outputs"]
         self._eos = set(manifest.generation.get("eos_token_ids") or [])
+        self._options = options
+        self._merged: dict[str, ort.InferenceSession] = {}
+        self._merged_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -83,19 +88,13 @@ class EdgeModel:
         if manifest.task != "causal-lm":
             raise EdgeLoraError(f"{package}: task {manifest.task!r} is not supported by this runtime")
         graph_path = package / manifest.graph["file"]
-        if not graph_path.is_file():
-            raise EdgeLoraError(f"{graph_path}: missing graph file")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # slot defaults are overridable initializers; ORT warns about each
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             options.inter_op_num_threads = inter_op_threads
-        try:
-            session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EdgeLoraError(f"{graph_path}: onnxruntime cannot load the graph ({first})") from None
+        session = _session(graph_path, options)
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
         registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify)
         tokenizer = None
@@ -103,7 +102,7 @@ class EdgeModel:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
-        return cls(package, manifest, session, registry, tokenizer)
+        return cls(package, manifest, session, registry, tokenizer, options)
 
     # adapters
 
@@ -131,25 +130,41 @@ class EdgeModel:
 
     # forward passes
 
-    def _run_options(self, adapter: str | None):
-        """RunOptions carrying the call's adapter, and the adapter object kept alive for the call."""
+    def _bind(self, adapter: str | None):
+        """(session, RunOptions, keep-alive) for one call: the adapter's slot factors, or its merged graph."""
         options = ort.RunOptions()
         if adapter is None:
-            return options, None
+            return self.session, options, None
         if not isinstance(adapter, str):
             raise EdgeLoraError(f"adapter must be a name or None, got {type(adapter).__name__}")
+        if self.manifest.mode == "merged":
+            return self._merged_session(adapter), options, None
         resident = self.registry.get(adapter)
         options.add_active_adapter(resident.ort_adapter)
-        return options, resident
+        return self.session, options, resident
+
+    def _merged_session(self, adapter: str) -> ort.InferenceSession:
+        """Merged packages switch adapters by switching graphs, each loaded once on first use."""
+        with self._merged_lock:
+            session = self._merged.get(adapter)
+            if session is None:
+                entry = self.manifest.adapters.get(adapter)
+                if entry is None:
+                    known = ", ".join(sorted(self.manifest.adapters)) or "none"
+                    raise EdgeLoraError(f"unknown adapter {adapter!r}; this package has: {known}")
+                session = _session(self.package / entry.file, self._options)
+                self._merged[adapter] = session
+            return session
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), np.float32)
         return {name: empty for name in self._past_names}
 
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: dict[str, np.ndarray], run_options) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _forward(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                 past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        session, run_options, _ = binding
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
-        outputs = self.session.run(self._outputs, feeds, run_options)
+        outputs = session.run(self._outputs, feeds, run_options)
         present = dict(zip(self._past_names, outputs[1:]))
         return outputs[0], present
 
@@ -162,8 +177,7 @@ class EdgeModel:
             raise EdgeLoraError(f"input_ids must be [seq] or [batch, seq] with seq > 0, got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        options, _keep = self._run_options(adapter)
-        logits, _ = self._forward(ids, mask, positions, self._empty_past(ids.shape[0]), options)
+        logits, _ = self._forward(self._bind(adapter), ids, mask, positions, self._empty_past(ids.shape[0]))
         return logits
 
     # generation
@@ -189,13 +203,13 @@ class EdgeModel:
         """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit."""
         if max_new_tokens < 1:
             return
-        options, _keep = self._run_options(adapter)
+        binding = self._bind(adapter)
         rng = np.random.default_rng(seed)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         total = ids.shape[1]
         t0 = time.perf_counter()
-        logits, past = self._forward(ids, np.ones((1, total), np.int64), np.arange(total, dtype=np.int64)[None],
-                                     self._empty_past(1), options)
+        logits, past = self._forward(binding, ids, np.ones((1, total), np.int64),
+                                     np.arange(total, dtype=np.int64)[None], self._empty_past(1))
         timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
         timings["decode_ms"] = 0.0
         for step in range(max_new_tokens):
@@ -205,8 +219,8 @@ class EdgeModel:
                 return
             total += 1
             t0 = time.perf_counter()
-            logits, past = self._forward(np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
-                                         np.asarray([[total - 1]], np.int64), past, options)
+            logits, past = self._forward(binding, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
+                                         np.asarray([[total - 1]], np.int64), past)
             timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
 
     def stream(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -257,6 +271,16 @@ class EdgeModel:
         for _ in text_stream:
             pass
         return text_stream.result
+
+
+def _session(graph_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    if not graph_path.is_file():
+        raise EdgeLoraError(f"{graph_path}: missing graph file")
+    try:
+        return ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgeLoraError(f"{graph_path}: onnxruntime cannot load the graph ({first})") from None
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgelora.adapter_file import read_parameters, slot_inputs
+from edgelora.adapter_file import read_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.fileio import check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Slot
@@ -124,21 +124,16 @@ class AdapterRegistry:
         return ResidentAdapter(name, path, adapter, path.stat().st_size, rank, (time.perf_counter() - t0) * 1e3)
 
     def _check_shapes(self, name: str, path: Path) -> int:
-        params = read_parameters(path)
-        rank = 0
-        for module in {p.rsplit(".", 1)[0] for p in params}:
+        factors, dtype = read_adapter(path)
+        for module, f in factors.modules.items():
             slot = self.slots.get(module)
             if slot is None:
                 raise EdgeLoraError(f"{path}: adapter {name} targets {module}, which has no LoRA slot in this graph")
-            a_name, b_name = slot_inputs(module)
-            a, b = params.get(a_name), params.get(b_name)
-            if a is None or b is None:
-                raise EdgeLoraError(f"{path}: adapter {name} has only one of {a_name}, {b_name}")
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != slot.in_features or b.shape[1] != slot.out_features \
-                    or a.shape[1] != b.shape[0]:
+            if dtype != slot.dtype:
+                raise EdgeLoraError(f"{path}: adapter {name} holds {dtype} factors but the graph's slots take {slot.dtype}")
+            if (f.in_features, f.out_features) != (slot.in_features, slot.out_features):
                 raise EdgeLoraError(
-                    f"{path}: adapter {name} has {module} factors {a.shape} x {b.shape}, but the slot takes "
+                    f"{path}: adapter {name} has {module} factors {f.a.shape} x {f.b.shape}, but the slot takes "
                     f"[{slot.in_features}, r] x [r, {slot.out_features}]; is it for another base model?"
                 )
-            rank = max(rank, a.shape[1])
-        return rank
+        return factors.rank

@@ -10,10 +10,10 @@ def test_export_inspect_generate(llama, tmp_path):
     code, text, progress = run_cli("export", llama.base_dir, "--adapter", f"a={llama.adapter_dirs['plain']}",
                                    "--out", out)
     assert code == 0, progress
-    assert "[3/5] exporting the llama graph with 4 LoRA slots" in progress and f"wrote {out}" in text
+    assert "[3/6] exporting the llama graph with 4 LoRA slots" in progress and f"wrote {out}" in text
     code, text, _ = run_cli("inspect", out)
     assert code == 0 and "LlamaForCausalLM" in text and "slots       4: q_proj, v_proj" in text
-    assert "a                       4 fp32" in text
+    assert "a                   4 fp32" in text
     code, text, _ = run_cli("generate", out, "--adapter", "a", "--prompt", "Hello", "--max-new-tokens", "5")
     assert code == 0 and len(text.strip("\n")) > 0
     code, _, text = run_cli("export", llama.base_dir, "--out", out)
