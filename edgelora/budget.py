@@ -118,10 +118,10 @@ def load_budgets(path: str | Path) -> Budgets:
     settings = ("runs", "warmup", "prompt_tokens", "decode_tokens", "adapter")
     parser.known("latency", latency, (*settings, *LATENCY_METRICS))
     budgets.latency_settings = LatencySettings(
-        runs=parser.integer("latency.runs", latency.get("runs", LatencySettings.runs), minimum=1),
-        warmup=parser.integer("latency.warmup", latency.get("warmup", LatencySettings.warmup), minimum=0),
-        prompt_tokens=parser.integer("latency.prompt_tokens", latency.get("prompt_tokens", 32), minimum=1),
-        decode_tokens=parser.integer("latency.decode_tokens", latency.get("decode_tokens", 16), minimum=2),
+        runs=parser.integer("latency", latency, "runs", LatencySettings.runs, minimum=1),
+        warmup=parser.integer("latency", latency, "warmup", LatencySettings.warmup, minimum=0),
+        prompt_tokens=parser.integer("latency", latency, "prompt_tokens", LatencySettings.prompt_tokens, minimum=1),
+        decode_tokens=parser.integer("latency", latency, "decode_tokens", LatencySettings.decode_tokens, minimum=2),
         adapter=parser.string("latency.adapter", latency["adapter"]) if "adapter" in latency else None,
     )
     for metric in LATENCY_METRICS:
@@ -146,7 +146,7 @@ def load_budgets(path: str | Path) -> Budgets:
         raise EdgeLoraError(f"{path}: quality.prompts: expected a list of non-empty strings")
     budgets.quality_settings = QualitySettings(
         prompts=tuple(prompts),
-        new_tokens=parser.integer("quality.new_tokens", quality.get("new_tokens", 16), minimum=1),
+        new_tokens=parser.integer("quality", quality, "new_tokens", QualitySettings.new_tokens, minimum=1),
     )
     if not (budgets.sizes or budgets.adapter_sizes or budgets.needs_latency or budgets.min_greedy_agreement):
         raise EdgeLoraError(f"{path}: defines no budgets; see README.md, 'CI checks: edgelora check'")
@@ -184,9 +184,10 @@ class _Parser:
             self.fail(key, f"expected a positive number, got {value!r}")
         return float(value)
 
-    def integer(self, key: str, value, minimum: int) -> int:
+    def integer(self, section: str, table: dict, key: str, default: int, minimum: int) -> int:
+        value = table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
+            self.fail(f"{section}.{key}", f"expected an integer >= {minimum}, got {value!r}")
         return value
 
     def string(self, key: str, value) -> str:

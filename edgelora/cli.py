@@ -125,7 +125,8 @@ def generate(package, prompt, adapter, max_new_tokens, temperature, top_k, top_p
               help="TOML file of size, latency, relative and quality budgets (see README).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write a JUnit XML file, one testcase per budget.")
-@click.option("--baseline", type=click.Path(path_type=Path), help="Saved measurements the [relative] budgets compare with.")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="Saved measurements the [relative] budgets compare with.")
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Save this run's latency measurements here.")
 def check(package, budget_file, as_json, junit, baseline, save_baseline):
     """Judge PACKAGE against a budget file: exit 0 if every budget holds, 1 if one fails, 2 on bad input."""

@@ -95,7 +95,8 @@ def test_quality_budget_passes_for_fp32_and_fails_when_the_blob_disagrees(llama,
 
 def test_junit_has_one_testcase_per_budget_with_failures_marked(llama, tmp_path):
     junit = tmp_path / "check.xml"
-    budget = f'[size]\npackage = "1 GiB"\nbase = "1 KB"\n[latency]\n{FAST}decode_ms_per_token = 1e9\nprefill_ms = 1e-6\n'
+    budget = (f'[size]\npackage = "1 GiB"\nbase = "1 KB"\n'
+              f"[latency]\n{FAST}decode_ms_per_token = 1e9\nprefill_ms = 1e-6\n")
     code, report, _ = check(llama.package, tmp_path, budget, "--junit", junit)
     assert code == 1
     suite = ET.parse(junit).getroot()
