@@ -10,6 +10,7 @@ import click
 
 from .codec import DTYPES
 from .errors import EdgeLoraError
+from .units import human_bytes
 
 
 class Group(click.Group):
@@ -28,14 +29,6 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise EdgeLoraError(f"--adapter {spec!r}: expected NAME=PEFT_DIR")
     return name, path
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @click.group(cls=Group)
@@ -144,6 +137,30 @@ def generate(package, prompt, adapter, max_new_tokens, temperature, top_k, top_p
         r = pieces.result
         click.echo(f"prompt {r.prompt_tokens} tokens, prefill {r.prefill_ms:.1f} ms, {len(r.token_ids)} new tokens, "
                    f"decode {r.decode_ms_per_token:.2f} ms/token, finish: {r.finish_reason}", err=True)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--budget", "budget_file", required=True, type=click.Path(path_type=Path),
+              help="TOML file of size, latency, relative and quality budgets (see README).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Also write a JUnit XML file, one testcase per budget.")
+@click.option("--baseline", type=click.Path(path_type=Path),
+              help="Saved measurements the [relative] budgets compare with.")
+@click.option("--save-baseline", type=click.Path(path_type=Path), help="Save this run's latency measurements here.")
+def check(package, budget_file, as_json, junit, baseline, save_baseline):
+    """Judge PACKAGE against a budget file: exit 0 if every budget holds, 1 if one fails, 2 on bad input."""
+    from . import report
+    from .check import run_check
+
+    run = run_check(package, budget_file, baseline, save_baseline)
+    click.echo(report.to_json(run.results, run.metrics) if as_json else report.table(run.results), nl=False)
+    if junit:
+        report.write_junit(junit, run.results, str(package))
+    if save_baseline:
+        click.echo(f"saved baseline to {save_baseline}", err=True)
+    if not run.passed:
+        sys.exit(1)
 
 
 @main.command()

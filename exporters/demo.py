@@ -49,18 +49,6 @@ def make_adapters(base_model, work: Path) -> dict[str, object]:
     }
 
 
-def hot_swap_us(model, names: list[str], rounds: int = 2000) -> float:
-    """Median µs to point a call at another resident adapter (what a per-request switch costs)."""
-    for n in names:
-        model.load_adapter(n)
-    samples = []
-    for i in range(rounds):
-        t0 = time.perf_counter_ns()
-        model._bind(names[i % len(names)])
-        samples.append(time.perf_counter_ns() - t0)
-    return float(np.median(samples)) / 1e3
-
-
 def peft_logits(peft_model, ids: list[int]) -> np.ndarray:
     import torch
 
@@ -72,6 +60,7 @@ def run_demo(out: str | Path) -> dict:
     """Run the whole demo, print its table, and return its rows for callers (the tests) to check."""
     import torch
 
+    from edgelora.measure import hot_swap_us
     from edgelora.runtime import EdgeModel
 
     from .package_writer import export_package

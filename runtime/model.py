@@ -199,7 +199,7 @@ class EdgeModel:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _tokens(self, prompt_ids: list[int], adapter, max_new_tokens: int, temperature: float, top_k: int,
-                top_p: float, seed: int | None, timings: dict) -> Iterator[int]:
+                top_p: float, seed: int | None, timings: dict, ignore_eos: bool = False) -> Iterator[int]:
         """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit."""
         if max_new_tokens < 1:
             return
@@ -215,7 +215,7 @@ class EdgeModel:
         for step in range(max_new_tokens):
             token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
             yield token
-            if token in self._eos or step == max_new_tokens - 1:
+            if (token in self._eos and not ignore_eos) or step == max_new_tokens - 1:
                 return
             total += 1
             t0 = time.perf_counter()
@@ -225,16 +225,19 @@ class EdgeModel:
 
     def stream(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None) -> "TextStream":
-        """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end."""
+               stop: list[str] | str | None = None, ignore_eos: bool = False) -> "TextStream":
+        """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end.
+
+        ``ignore_eos`` runs all ``max_new_tokens`` steps, so timings measure a fixed amount of work.
+        """
         prompt_ids = self.encode(prompt)
         text_stream = TextStream()
         text_stream._pieces = self._stream_text(text_stream, prompt_ids, adapter, max_new_tokens, temperature, top_k,
-                                           top_p, seed, stop)
+                                           top_p, seed, stop, ignore_eos)
         return text_stream
 
     def _stream_text(self, sink: "TextStream", prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed,
-                stop) -> Iterator[str]:
+                stop, ignore_eos) -> Iterator[str]:
         """Text that might begin a stop string is held back until it cannot."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         timings: dict = {}
@@ -242,9 +245,10 @@ class EdgeModel:
         emitted = 0
         text = ""
         finish = "length"
-        for token in self._tokens(prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed, timings):
+        for token in self._tokens(prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed, timings,
+                                  ignore_eos):
             new_ids.append(token)
-            if token in self._eos:
+            if token in self._eos and not ignore_eos:
                 finish = "eos"
                 break
             text = self.decode(new_ids)
@@ -265,9 +269,9 @@ class EdgeModel:
 
     def generate(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | str | None = None) -> Generation:
+                 stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""
-        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
         for _ in text_stream:
             pass
         return text_stream.result

@@ -1,0 +1,113 @@
+"""The measurements behind ``edgelora check``, taken on the package's own graph through the device runtime.
+
+Only numpy, onnxruntime and ``edgelora.runtime``: the check must run where the package runs, on a
+device or a CI runner without torch. Times are medians over repeated runs after warm-ups, because
+the first runs pay for allocation and caches, and single runs on shared CI machines are noisy.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .budget import LatencySettings
+from .errors import EdgeLoraError
+from .manifest import Manifest
+
+HOT_SWAP_ROUNDS = 2000
+PROBE_PROMPTS = 4  # seeded random prompts when the budget names none
+PROBE_LENGTH = 8
+
+
+def package_sizes(package: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:
+    """({"package", "base"} -> bytes, adapter name -> bytes), from the files on disk, not the manifest."""
+    total = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+    graph = package / manifest.graph["file"]
+    base = sum(p.stat().st_size for p in (graph, graph.with_name(graph.name + ".data")) if p.is_file())
+    adapters = {}
+    for name, entry in manifest.adapters.items():
+        path = package / entry.file
+        if not path.is_file():
+            raise EdgeLoraError(f"{path}: adapter {name} is in the manifest but its file is missing")
+        adapters[name] = path.stat().st_size
+    return {"package": total, "base": base}, adapters
+
+
+def latency(model, adapter: str | None, settings: LatencySettings) -> dict[str, float]:
+    """Prefill and decode times of greedy generation, plus adapter switch and load costs when there is one."""
+    prompt = _random_ids(model, settings.prompt_tokens, seed=0)
+
+    def run():
+        return model.generate(prompt, adapter=adapter, max_new_tokens=settings.decode_tokens, ignore_eos=True)
+
+    for _ in range(settings.warmup):
+        run()
+    runs = [run() for _ in range(settings.runs)]
+    prefill = [r.prefill_ms for r in runs]
+    decode = [r.decode_ms_per_token for r in runs]
+    metrics = {
+        "prefill_ms": float(np.median(prefill)),
+        "prefill_p95_ms": float(np.percentile(prefill, 95)),
+        "decode_ms_per_token": float(np.median(decode)),
+        "decode_p95_ms_per_token": float(np.percentile(decode, 95)),
+    }
+    if adapter is not None:
+        metrics["cold_load_ms"] = cold_load_ms(model, adapter, settings.runs)
+        metrics["hot_swap_us"] = hot_swap_us(model, model.adapters)
+    return metrics
+
+
+def cold_load_ms(model, adapter: str, runs: int) -> float:
+    """Median ms to make a non-resident adapter resident (checksum, shape checks, onnxruntime load).
+
+    The file may sit in the OS page cache after the first load; on a device after a reboot it will not.
+    """
+    model.load_adapter(adapter)
+    samples = []
+    for _ in range(runs):
+        model.unload_adapter(adapter)
+        t0 = time.perf_counter()
+        model.load_adapter(adapter)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(samples))
+
+
+def hot_swap_us(model, names: list[str], rounds: int = HOT_SWAP_ROUNDS) -> float:
+    """Median µs to point a call at another resident adapter (what a per-request switch costs)."""
+    for n in names:
+        model.load_adapter(n)
+    samples = []
+    for i in range(rounds):
+        t0 = time.perf_counter_ns()
+        model._bind(names[i % len(names)])
+        samples.append(time.perf_counter_ns() - t0)
+    return float(np.median(samples)) / 1e3
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far; Linux reports KiB, macOS bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def greedy_agreement(model, name: str) -> float:
+    """Top-1 agreement of the packaged adapter with its fp32 PyTorch reference, as measured at export.
+
+    The fp32 factors never reach the device (only the quantized blob does), so the export, which
+    has both, measures it on a probe batch and records it in the manifest; the check gates on it.
+    """
+    quality = model.manifest.quality.get(name)
+    if not quality or "top1_agreement" not in quality:
+        raise EdgeLoraError(f"{model.package}: adapter {name} has no quality report in the manifest; re-export it")
+    return float(quality["top1_agreement"])
+
+
+def _random_ids(model, length: int, seed: int) -> list[int]:
+    """Token ids any package accepts, tokenizer or not; seeded so every run measures the same prompt."""
+    vocab = model.manifest.graph["vocab_size"]
+    return np.random.default_rng(seed).integers(0, vocab, length).tolist()
