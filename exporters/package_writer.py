@@ -17,6 +17,7 @@ from edgelora.factors import AdapterFactors
 from edgelora.fileio import atomic_dir, check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Manifest, Slot, load_manifest
 from edgelora.progress import Steps
+from edgelora.sidecar import write_sidecar
 
 from .peft_ingest import ingest_peft, source_bytes
 
@@ -66,12 +67,17 @@ def base_fingerprint(model) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path) -> AdapterEntry:
+def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path,
+                        fingerprint: str) -> AdapterEntry:
+    """The blob, its ``NAME.json`` sidecar (base fingerprint, sha256: the blob stays checkable when copied
+    out of the package on its own) and its manifest entry."""
     rel = f"adapters/{name}{SUFFIX}"
     size = write_adapter(package / rel, factors)
+    digest = sha256_file(package / rel)
+    write_sidecar(package / rel, fingerprint, digest)
     return AdapterEntry(
         file=rel,
-        sha256=sha256_file(package / rel),
+        sha256=digest,
         bytes=size,
         rank=factors.rank,
         alpha=factors.alpha,
@@ -151,7 +157,8 @@ def export_package(
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots (torch.onnx dynamo)"):
             graph = export_graph(model, slots, tmp / "model.onnx")
         with steps.step("writing adapters"):
-            entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name])) for name, f in factors.items()}
+            entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name]), fingerprint)
+                       for name, f in factors.items()}
         with steps.step("writing manifest and tokenizer"):
             tokenizer = None
             for fname in TOKENIZER_FILES:
@@ -185,7 +192,7 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
         raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
-    entry = write_adapter_entry(package, name, factors, Path(peft_dir))
+    entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.base_fingerprint)
     manifest.adapters[name] = entry
     manifest.save(package)
     return entry
