@@ -55,7 +55,8 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise EdgeLoraError(f"{path}: adapter file is empty")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
-        return {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        # numpy() views the OrtValue's buffer, which dies with ``fmt``: copy before it goes
+        return {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
     except Exception as e:  # ORT raises bare RuntimeErrors with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeLoraError(f"{path}: not a readable .onnx_adapter file ({first})") from None
