@@ -228,7 +228,9 @@ class AdapterRegistry:
             if digest is not None and sha256_file(path) != digest:
                 where = "the manifest" if entry is not None else "its sidecar"
                 raise EdgeLoraError(f"{path}: adapter {name} fails its sha256 check against {where}")
-        rank = self._check_shapes(name, path)
+        # A package blob's shapes were checked against these slots when it was packaged; its sha256 (or,
+        # with verify=False, trust in the package) stands for that check, so only path blobs are re-read.
+        rank = entry.rank if entry is not None else self._check_shapes(name, path)
         with self._lock:
             self._checked[name] = rank
         return path, rank
