@@ -31,6 +31,26 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def parse_generate_adapters(specs: tuple[str, ...]):
+    """``NAME`` -> the adapter; ``NAME:WEIGHT`` -> its strength; several -> their composition."""
+    if not specs:
+        return None
+    if len(specs) == 1 and ":" not in specs[0]:
+        return specs[0]
+    weights: dict[str, float] = {}
+    for spec in specs:
+        name, sep, weight = spec.partition(":")
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            raise EdgeLoraError(f"--adapter {spec!r}: expected NAME or NAME:WEIGHT with a number") from None
+        if not name or name in weights:
+            raise EdgeLoraError(f"--adapter {spec!r}: " + ("the same name is given twice" if name else "no name"))
+        weights[name] = value
+    return weights
+
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="edgelora")
 def main():
@@ -115,7 +135,8 @@ def inspect(package):
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--adapter", default=None, help="Adapter name (none: the base model).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
 @click.option("--top-k", default=0, show_default=True)
@@ -123,10 +144,11 @@ def inspect(package):
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop when this text appears; repeatable.")
 @click.option("--stats", is_flag=True, help="Print prefill and decode timings to stderr.")
-def generate(package, prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, stats):
+def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, stats):
     """Generate text from PACKAGE with the chosen adapter, streaming to stdout."""
     from .runtime import EdgeModel
 
+    adapter = parse_generate_adapters(adapters)
     model = EdgeModel.open(package)
     pieces = model.stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))

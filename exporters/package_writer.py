@@ -19,6 +19,7 @@ from edgelora.factors import AdapterFactors
 from edgelora.fileio import atomic_dir, check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Manifest, Slot, load_manifest
 from edgelora.progress import Steps
+from edgelora.sidecar import write_sidecar
 
 from .peft_ingest import ingest_peft, source_bytes
 
@@ -69,12 +70,16 @@ def base_fingerprint(model) -> str:
 
 
 def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path, dtype: str,
-                        block: int) -> AdapterEntry:
+                        block: int, fingerprint: str) -> AdapterEntry:
+    """The blob, its ``NAME.json`` sidecar (base fingerprint, sha256: the blob stays checkable when copied
+    out of the package on its own) and its manifest entry."""
     rel = f"adapters/{name}{SUFFIX}"
     size = write_adapter(package / rel, factors, dtype, block)
+    digest = sha256_file(package / rel)
+    write_sidecar(package / rel, fingerprint, digest)
     return AdapterEntry(
         file=rel,
-        sha256=sha256_file(package / rel),
+        sha256=digest,
         bytes=size,
         rank=factors.rank,
         alpha=factors.alpha,
@@ -187,7 +192,8 @@ def export_package(
                 )
         with steps.step(f"writing {'merged entries' if merged else adapter_dtype + ' adapters'}"):
             if not merged:
-                entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name]), adapter_dtype, block_size)
+                entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name]), adapter_dtype, block_size,
+                                                   fingerprint)
                            for name, f in factors.items()}
         with steps.step("writing manifest and tokenizer"):
             tokenizer = None
@@ -268,7 +274,7 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
     entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                manifest.adapter_block_size)
+                                manifest.adapter_block_size, manifest.base_fingerprint)
     manifest.adapters[name] = entry
     manifest.save(package)
     return entry

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from edgelora.errors import EdgeLoraError
 from edgelora.manifest import load_manifest
 
+from .chat import ChatSession, KVCache
 from .registry import AdapterRegistry
 from .sampling import pick_token
 
@@ -80,8 +81,9 @@ class EdgeModel:
     ) -> "EdgeModel":
         """Load the base graph once; adapters load lazily on first use.
 
-        ``adapter_memory_mb`` caps resident adapter bytes (least recently used evicted first);
-        ``verify`` checks each package adapter's sha256 against the manifest on first load.
+        ``adapter_memory_mb`` caps resident adapter bytes, compositions included (least recently
+        used evicted first, pinned ones never); ``verify`` checks each adapter's sha256 against the
+        manifest (or a path adapter's sidecar) on its first load.
         """
         package = Path(package)
         manifest = load_manifest(package)
@@ -96,7 +98,8 @@ class EdgeModel:
             options.inter_op_num_threads = inter_op_threads
         session = _session(graph_path, options)
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
-        registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify)
+        registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify,
+                                   manifest.base_fingerprint, manifest.adapter_block_size)
         tokenizer = None
         if manifest.tokenizer:
             from tokenizers import Tokenizer
@@ -112,35 +115,45 @@ class EdgeModel:
         return self.registry.names()
 
     def load_adapter(self, name_or_path: str | Path, name: str | None = None) -> str:
-        """Make an adapter resident now (instead of on first use); a path registers a new one."""
+        """Make an adapter resident now (instead of on first use); a path registers a new one.
+
+        A path's ``NAME.json`` sidecar, when present, must name this package's base fingerprint.
+        """
         path = Path(name_or_path)
         if str(name_or_path) not in self.registry.entries and (path.suffix == ".onnx_adapter" or path.exists()):
             name = name or path.name.removesuffix(".onnx_adapter")
             self.registry.register_path(path, name)
         else:
             name = str(name_or_path)
-        self.registry.get(name)
+        self.registry.resolve(name)
         return name
 
     def unload_adapter(self, name: str) -> None:
         self.registry.unload(name)
+
+    def pin(self, adapter) -> str:
+        """Keep a tenant's adapter (or composition) resident past any eviction; returns its stats label."""
+        return self.registry.pin(adapter)
+
+    def unpin(self, adapter) -> None:
+        self.registry.unpin(adapter)
 
     def stats(self) -> dict:
         return self.registry.stats()
 
     # forward passes
 
-    def _bind(self, adapter: str | None):
+    def _bind(self, adapter):
         """(session, RunOptions, keep-alive) for one call: the adapter's slot factors, or its merged graph."""
         options = ort.RunOptions()
-        if adapter is None:
-            return self.session, options, None
-        if not isinstance(adapter, str):
-            raise EdgeLoraError(f"adapter must be a name or None, got {type(adapter).__name__}")
-        if self.manifest.mode == "merged":
+        if adapter is not None and self.manifest.mode == "merged":
+            if not isinstance(adapter, str):
+                raise EdgeLoraError("a merged package runs one adapter per graph: strengths and compositions need "
+                                    "a separate-mode package")
             return self._merged_session(adapter), options, None
-        resident = self.registry.get(adapter)
-        options.add_active_adapter(resident.ort_adapter)
+        resident = self.registry.resolve(adapter)
+        if resident is not None:
+            options.add_active_adapter(resident.ort_adapter)
         return self.session, options, resident
 
     def _merged_session(self, adapter: str) -> ort.InferenceSession:
@@ -168,8 +181,10 @@ class EdgeModel:
         present = dict(zip(self._past_names, outputs[1:]))
         return outputs[0], present
 
-    def logits(self, input_ids, adapter: str | None = None, attention_mask=None) -> np.ndarray:
-        """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq])."""
+    def logits(self, input_ids, adapter=None, attention_mask=None) -> np.ndarray:
+        """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq]).
+
+        ``adapter`` is a name, ``{name: weight}`` (strength, or a composition of several), or None."""
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -182,11 +197,11 @@ class EdgeModel:
 
     # generation
 
-    def encode(self, prompt) -> list[int]:
+    def encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise EdgeLoraError(f"{self.package}: the package has no tokenizer.json; pass token ids instead of text")
-            return self.tokenizer.encode(prompt).ids
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
         ids = [int(t) for t in prompt]
         vocab = self.manifest.graph["vocab_size"]
         if not ids or min(ids) < 0 or max(ids) >= vocab:
@@ -198,18 +213,32 @@ class EdgeModel:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def chat(self, adapter=None) -> ChatSession:
+        """A conversation bound to one adapter spec, keeping its KV cache so a turn costs only its new tokens."""
+        self.registry.resolve(adapter)  # a bad spec fails here, not on the first turn
+        return ChatSession(self, adapter)
+
     def _tokens(self, prompt_ids: list[int], adapter, max_new_tokens: int, temperature: float, top_k: int,
-                top_p: float, seed: int | None, timings: dict, ignore_eos: bool = False) -> Iterator[int]:
-        """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit."""
+                top_p: float, seed: int | None, timings: dict, ignore_eos: bool = False,
+                cache: KVCache | None = None) -> Iterator[int]:
+        """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit.
+
+        With a ``cache`` the prefill continues after the tokens already in it, and the cache is
+        updated after every step, so a chat's next turn starts where this one stopped.
+        """
         if max_new_tokens < 1:
             return
         binding = self._bind(adapter)
         rng = np.random.default_rng(seed)
         ids = np.asarray([prompt_ids], dtype=np.int64)
-        total = ids.shape[1]
+        start = cache.length if cache is not None else 0
+        past = cache.past if cache is not None and cache.past is not None else self._empty_past(1)
+        total = start + ids.shape[1]
         t0 = time.perf_counter()
         logits, past = self._forward(binding, ids, np.ones((1, total), np.int64),
-                                     np.arange(total, dtype=np.int64)[None], self._empty_past(1))
+                                     np.arange(start, total, dtype=np.int64)[None], past)
+        if cache is not None:
+            cache.past, cache.length = past, total
         timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
         timings["decode_ms"] = 0.0
         for step in range(max_new_tokens):
@@ -221,9 +250,11 @@ class EdgeModel:
             t0 = time.perf_counter()
             logits, past = self._forward(binding, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
                                          np.asarray([[total - 1]], np.int64), past)
+            if cache is not None:
+                cache.past, cache.length = past, total
             timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
 
-    def stream(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+    def stream(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                stop: list[str] | str | None = None, ignore_eos: bool = False) -> "TextStream":
         """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end.
@@ -237,7 +268,7 @@ class EdgeModel:
         return text_stream
 
     def _stream_text(self, sink: "TextStream", prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed,
-                stop, ignore_eos) -> Iterator[str]:
+                stop, ignore_eos: bool = False, cache: KVCache | None = None) -> Iterator[str]:
         """Text that might begin a stop string is held back until it cannot."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         timings: dict = {}
@@ -246,7 +277,7 @@ class EdgeModel:
         text = ""
         finish = "length"
         for token in self._tokens(prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed, timings,
-                                  ignore_eos):
+                                  ignore_eos, cache):
             new_ids.append(token)
             if token in self._eos and not ignore_eos:
                 finish = "eos"
@@ -267,7 +298,7 @@ class EdgeModel:
         sink.result = Generation(text=text, token_ids=new_ids, finish_reason=finish, prompt_tokens=len(prompt_ids),
                                  prefill_ms=timings.get("prefill_ms", 0.0), decode_ms=timings.get("decode_ms", 0.0))
 
-    def generate(self, prompt, adapter: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+    def generate(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""

@@ -2,10 +2,13 @@
 
 The registry is shared by every thread of one ``EdgeModel``; a call takes a reference to the
 adapter it runs with, so an eviction during that call cannot pull the weights from under it.
+Single adapters and compositions live in the same LRU under the same byte budget: a composition
+is just another blob, built once from its parts' files.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,12 +21,15 @@ from edgelora.adapter_file import read_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.fileio import check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Slot
+from edgelora.sidecar import read_sidecar
+
+from .composition import Spec, compose, label, normalize, write_temporary
 
 
 @dataclass
 class ResidentAdapter:
-    name: str
-    path: Path
+    name: str  # a package or path adapter's name, or a composition's label
+    spec: Spec
     ort_adapter: ort.LoraAdapter
     bytes: int
     rank: int
@@ -32,14 +38,20 @@ class ResidentAdapter:
 
 class AdapterRegistry:
     def __init__(self, package: Path, entries: dict[str, AdapterEntry], slots: list[Slot],
-                 memory_budget_bytes: int | None = None, verify: bool = True):
+                 memory_budget_bytes: int | None = None, verify: bool = True, base_fingerprint: str | None = None,
+                 block_size: int = 32):
         self.package = package
+        self.codec = (slots[0].dtype if slots else "fp32", block_size)  # compositions are stored as the slots take them
         self.entries = dict(entries)
         self.paths: dict[str, Path] = {}
         self.slots = {s.name: s for s in slots}
         self.budget = memory_budget_bytes
         self.verify = verify
+        self.base_fingerprint = base_fingerprint
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._checked: dict[str, int] = {}  # name -> rank, for blobs whose integrity and shapes passed once
+        self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
@@ -52,28 +64,67 @@ class AdapterRegistry:
             raise EdgeLoraError(f"{path}: adapter file not found")
         with self._lock:
             self.paths[name] = path
-            self._resident.pop(name, None)
+            self._forget(name)
 
-    def get(self, name: str) -> ResidentAdapter:
+    def resolve(self, adapter) -> ResidentAdapter | None:
+        """The resident blob for an adapter spec (None for the base), loading or composing it on a miss."""
+        spec = normalize(adapter)
+        if not spec:
+            return None
+        key = label(spec)
         with self._lock:
-            resident = self._resident.get(name)
+            resident = self._hit(key)
             if resident is not None:
-                self._resident.move_to_end(name)
-                self.hits += 1
                 return resident
-        resident = self._load(name)
-        with self._lock:
-            self.misses += 1
-            self._resident[name] = resident
-            self._resident.move_to_end(name)
-            self._evict(keep=name)
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # one thread builds a given spec; the others wait for it and then hit
+            with self._lock:
+                resident = self._hit(key)
+                if resident is not None:
+                    return resident
+            try:
+                resident = self._load(spec, key)
+                with self._lock:
+                    self.misses += 1
+                    self._admit(resident)
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
         return resident
+
+    def pin(self, adapter) -> str:
+        """Keep an adapter (or composition) resident whatever else is used; refused if pins alone overflow."""
+        key = label(normalize(adapter))
+        if not key:
+            raise EdgeLoraError("pin: the base model (adapter=None) is always resident")
+        with self._lock:
+            was_pinned = key in self._pinned
+            self._pinned.add(key)
+        try:
+            self.resolve(adapter)
+        except BaseException:
+            if not was_pinned:
+                with self._lock:
+                    self._pinned.discard(key)
+            raise
+        return key
+
+    def unpin(self, adapter) -> None:
+        key = label(normalize(adapter))
+        with self._lock:
+            if key not in self._pinned:
+                raise EdgeLoraError(f"adapter {key} is not pinned")
+            self._pinned.discard(key)
 
     def unload(self, name: str) -> None:
         with self._lock:
-            if self._resident.pop(name, None) is None and name not in self.paths:
+            if name not in self._resident and name not in self.paths:
                 raise EdgeLoraError(f"adapter {name} is not loaded")
-            self.paths.pop(name, None)
+            self._resident.pop(name, None)
+            self._pinned.discard(name)
+            if name in self.paths:
+                del self.paths[name]
+                self._forget(name)
 
     def resident_bytes(self) -> int:
         with self._lock:
@@ -85,22 +136,72 @@ class AdapterRegistry:
                 "resident": list(self._resident),
                 "resident_bytes": sum(r.bytes for r in self._resident.values()),
                 "budget_bytes": self.budget,
+                "pinned": sorted(self._pinned),
                 "hits": self.hits,
                 "misses": self.misses,
                 "evictions": self.evictions,
                 "load_ms": {n: round(r.load_ms, 3) for n, r in self._resident.items()},
             }
 
-    def _evict(self, keep: str) -> None:
-        if self.budget is None:
-            return
-        while sum(r.bytes for r in self._resident.values()) > self.budget and len(self._resident) > 1:
-            victim = next(n for n in self._resident if n != keep)
-            del self._resident[victim]
-            self.evictions += 1
+    # under self._lock
 
-    def _load(self, name: str) -> ResidentAdapter:
+    def _hit(self, key: str) -> ResidentAdapter | None:
+        resident = self._resident.get(key)
+        if resident is not None:
+            self._resident.move_to_end(key)
+            self.hits += 1
+        return resident
+
+    def _admit(self, new: ResidentAdapter) -> None:
+        """Make room first, so resident bytes never exceed the budget, not even for a moment."""
+        if self.budget is not None:
+            if new.bytes > self.budget:
+                raise EdgeLoraError(
+                    f"adapter {new.name} is {new.bytes} bytes, more than the adapter memory budget of {self.budget}"
+                )
+            used = sum(r.bytes for r in self._resident.values())
+            for victim in [n for n in self._resident if n not in self._pinned]:
+                if used + new.bytes <= self.budget:
+                    break
+                used -= self._resident.pop(victim).bytes
+                self.evictions += 1
+            if used + new.bytes > self.budget:
+                pinned = ", ".join(sorted(self._pinned - {new.name}))
+                raise EdgeLoraError(
+                    f"adapter {new.name} ({new.bytes} bytes) does not fit in the adapter memory budget of "
+                    f"{self.budget} bytes beside the pinned adapters {pinned}; unpin some"
+                )
+        self._resident[new.name] = new
+
+    def _forget(self, name: str) -> None:
+        """A re-registered or removed path adapter invalidates its checks and every composition using it."""
+        self._checked.pop(name, None)
+        for key in [k for k, r in self._resident.items() if any(n == name for n, _ in r.spec)]:
+            del self._resident[key]
+
+    # loading, outside the lock
+
+    def _load(self, spec: Spec, key: str) -> ResidentAdapter:
         t0 = time.perf_counter()
+        if len(spec) == 1 and spec[0][1] == 1.0:
+            path, rank = self._checked_path(spec[0][0])
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))
+            size = path.stat().st_size
+        else:
+            parts = [(read_adapter(self._checked_path(name)[0])[0], weight) for name, weight in spec]
+            factors = compose(parts)
+            tmp = write_temporary(factors, *self.codec)
+            try:
+                adapter = ort.LoraAdapter()
+                adapter.Load(tmp)
+                size, rank = os.path.getsize(tmp), factors.rank
+            finally:
+                os.unlink(tmp)
+        return ResidentAdapter(key, spec, adapter, size, rank, (time.perf_counter() - t0) * 1e3)
+
+    def _checked_path(self, name: str) -> tuple[Path, int]:
+        """The blob's path, after its integrity and compatibility checks on first use (not on reloads)."""
         if name in self.paths:
             path, entry = self.paths[name], None
         elif name in self.entries:
@@ -111,17 +212,30 @@ class AdapterRegistry:
             raise EdgeLoraError(f"unknown adapter {name!r}; this package has: {known}")
         if not path.is_file():
             raise EdgeLoraError(f"{path}: adapter {name} is in the manifest but its file is missing")
-        if entry is not None and self.verify:
-            if path.stat().st_size != entry.bytes:
+        rank = self._checked.get(name)
+        if rank is not None:
+            return path, rank
+        sidecar = read_sidecar(path)
+        if sidecar is not None and self.base_fingerprint and sidecar["base_fingerprint"] != self.base_fingerprint:
+            raise EdgeLoraError(
+                f"{path}: adapter {name} was built for base {sidecar['base_fingerprint'][:19]}…, "
+                f"but this package's base is {self.base_fingerprint[:19]}…"
+            )
+        if self.verify:
+            size, digest = (entry.bytes, entry.sha256) if entry is not None else (None, (sidecar or {}).get("sha256"))
+            if size is not None and path.stat().st_size != size:
                 raise EdgeLoraError(
-                    f"{path}: adapter {name} is {path.stat().st_size} bytes, the manifest says {entry.bytes} (truncated?)"
+                    f"{path}: adapter {name} is {path.stat().st_size} bytes, the manifest says {size} (truncated?)"
                 )
-            if sha256_file(path) != entry.sha256:
-                raise EdgeLoraError(f"{path}: adapter {name} fails its sha256 check against the manifest")
-        rank = self._check_shapes(name, path)
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        return ResidentAdapter(name, path, adapter, path.stat().st_size, rank, (time.perf_counter() - t0) * 1e3)
+            if digest is not None and sha256_file(path) != digest:
+                where = "the manifest" if entry is not None else "its sidecar"
+                raise EdgeLoraError(f"{path}: adapter {name} fails its sha256 check against {where}")
+        # A package blob's shapes were checked against these slots when it was packaged; its sha256 (or,
+        # with verify=False, trust in the package) stands for that check, so only path blobs are re-read.
+        rank = entry.rank if entry is not None else self._check_shapes(name, path)
+        with self._lock:
+            self._checked[name] = rank
+        return path, rank
 
     def _check_shapes(self, name: str, path: Path) -> int:
         factors, dtype = read_adapter(path)

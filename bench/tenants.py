@@ -1,0 +1,247 @@
+"""Many tenants, one base: hot swap, cold load and memory against PEFT and against one session per adapter.
+
+    .venv/bin/python bench/tenants.py [--out bench/work] [--results bench/RESULTS-tenants.md]
+
+Model: the "small" random Llama of exporters.tiny_models (hidden 128, 4 layers, 1.6M parameters), so the
+whole run takes a few minutes on 2 cores. Every ratio is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BIG_RANK = 544  # ~20 MB fp32 blob on this model
+RSS_RANK = 64  # ~2.4 MB blobs for the residency runs
+PROMPT = [[1, 8, 5, 12, 12, 15, 3, 40]]
+
+
+def pct(samples, q):
+    return float(np.percentile(np.asarray(samples) * 1e6, q))
+
+
+def build(work: Path):
+    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+
+    if (work / "pkg/edgelora.json").exists():
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    base = build_causal_lm(work / "base", "llama", size="small", seed=0)
+    dirs = {"big": work / "peft/big", "a": work / "peft/a", "b": work / "peft/b", "mid": work / "peft/mid"}
+    random_peft_adapter(base, dirs["big"], seed=1, r=BIG_RANK, alpha=BIG_RANK, targets=ALL)
+    random_peft_adapter(base, dirs["a"], seed=2, r=16, alpha=16, targets=ALL)
+    random_peft_adapter(base, dirs["b"], seed=3, r=16, alpha=16, targets=ALL)
+    random_peft_adapter(base, dirs["mid"], seed=4, r=RSS_RANK, alpha=RSS_RANK, targets=ALL)
+    export_package(work / "base", dirs, work / "pkg", progress=False)
+
+
+def hot_swap(work: Path, n=5000):
+    import onnxruntime as ort
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgelora.runtime import EdgeModel
+
+    m = EdgeModel.open(work / "pkg")
+    specs = ["a", "b", {"a": 0.5, "b": 0.5}]
+    for s in specs:
+        m.logits(PROMPT, adapter=s)
+    edge = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        m._bind(specs[i % 2])  # what a call pays to pick its adapter: registry hit + RunOptions
+        edge.append(time.perf_counter() - t0)
+    composed = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        m._bind(specs[2 if i % 2 else 0])
+        composed.append(time.perf_counter() - t0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(work / "base").eval()
+        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
+        peft_model.load_adapter(str(work / "peft/b"), adapter_name="b")
+    peft = []
+    for i in range(500):
+        t0 = time.perf_counter()
+        peft_model.set_adapter("ab"[i % 2])
+        peft.append(time.perf_counter() - t0)
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    recreate = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        ort.InferenceSession(str(work / "pkg/model.onnx"), options, providers=["CPUExecutionProvider"])
+        recreate.append(time.perf_counter() - t0)
+    del torch
+    return {"edgelora": edge, "edgelora_composition": composed, "peft_set_adapter": peft, "ort_new_session": recreate}
+
+
+def cold_load(work: Path, reps=20):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgelora.runtime import EdgeModel
+
+    blob = work / "pkg/adapters/big.onnx_adapter"
+    first, unverified, reload = [], [], []
+    for _ in range(reps):
+        m = EdgeModel.open(work / "pkg")
+        t0 = time.perf_counter()
+        m.load_adapter("big")  # first load: sha256 (stands for the shape check done at packaging) + mmap
+        first.append(time.perf_counter() - t0)
+        m.unload_adapter("big")
+        t0 = time.perf_counter()
+        m.load_adapter("big")  # after an eviction: checks already passed, mmap only
+        reload.append(time.perf_counter() - t0)
+        m = EdgeModel.open(work / "pkg", verify=False)
+        t0 = time.perf_counter()
+        m.load_adapter("big")
+        unverified.append(time.perf_counter() - t0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(work / "base").eval()
+        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
+        peft = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            peft_model.load_adapter(str(work / "peft/big"), adapter_name=f"big{i}")
+            peft.append(time.perf_counter() - t0)
+            peft_model.delete_adapter(f"big{i}")
+    ms = lambda xs: float(np.median(xs) * 1e3)  # noqa: E731
+    return {"blob_bytes": blob.stat().st_size, "edgelora_first_ms": ms(first), "edgelora_reload_ms": ms(reload),
+            "edgelora_verify_false_ms": ms(unverified), "peft_load_adapter_ms": ms(peft)}
+
+
+RSS_CHILD = r"""
+import sys, json, numpy as np
+from pathlib import Path
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+work, mode, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+from edgelora.runtime import EdgeModel
+m = EdgeModel.open(work / "pkg")
+m.logits([[1, 2, 3]])
+before = rss()
+if mode == "adapters":
+    for i in range(n):
+        name = m.load_adapter(work / f"copies/t{i}.onnx_adapter")
+        m.logits([[1, 2, 3]], adapter=name)
+else:
+    import onnxruntime as ort
+    o = ort.SessionOptions(); o.log_severity_level = 3
+    keep = []
+    feeds = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64),
+             "position_ids": np.arange(3)[None], **m._empty_past(1)}
+    for i in range(n):
+        s = ort.InferenceSession(str(work / "pkg/model.onnx"), o, providers=["CPUExecutionProvider"])
+        s.run(["logits"], feeds)
+        keep.append(s)
+print(json.dumps({"growth": rss() - before}))
+"""
+
+
+def rss(work: Path, counts=(1, 10, 50)):
+    from edgelora.adapter_file import read_adapter, write_adapter
+    from edgelora.factors import AdapterFactors, ModuleFactors
+
+    src, _ = read_adapter(work / "pkg/adapters/mid.onnx_adapter")
+    (work / "copies").mkdir(exist_ok=True)
+    for i in range(max(counts)):
+        path = work / f"copies/t{i}.onnx_adapter"
+        if not path.exists():
+            write_adapter(path, AdapterFactors({k: ModuleFactors(f.a, np.float32(1 + i / 100) * f.b)
+                                                for k, f in src.modules.items()}, src.rank, src.alpha))
+    blob = (work / "copies/t0.onnx_adapter").stat().st_size
+    base_bytes = (work / "pkg/model.onnx").stat().st_size + (work / "pkg/model.onnx.data").stat().st_size \
+        if (work / "pkg/model.onnx.data").exists() else (work / "pkg/model.onnx").stat().st_size
+    out = {"blob_bytes": blob, "base_bytes": base_bytes, "rows": []}
+    for n in counts:
+        row = {"n": n}
+        for mode in ("adapters", "sessions"):
+            r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(work), mode, str(n)], capture_output=True,
+                               text=True, check=True)
+            row[mode] = json.loads(r.stdout.strip().splitlines()[-1])["growth"]
+        out["rows"].append(row)
+    return out
+
+
+def report(swap, cold, mem, command) -> str:
+    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+    lines = [
+        "# Tenants benchmark", "",
+        f"Command: `{command}`", "",
+        "Model: random Llama \"small\" (hidden 128, 4 layers, 1.6M parameters), fp32, on the shared 2-core machine;",
+        "all numbers from one run.", "",
+        "## Hot swap (choosing another adapter for the next call)", "",
+        "| method | p50 µs | p99 µs | p50 vs edgelora |", "|---|---|---|---|",
+    ]
+    e50 = pct(swap["edgelora"], 50)
+    names = {"edgelora": "edgelora: registry hit + RunOptions with the adapter (two resident adapters, alternating)",
+             "edgelora_composition": "edgelora: alternating an adapter and a cached composition {a: 0.5, b: 0.5}",
+             "peft_set_adapter": "PEFT `set_adapter` (two loaded adapters, alternating)",
+             "ort_new_session": "re-creating an onnxruntime InferenceSession of the graph"}
+    for key, label in names.items():
+        lines.append(f"| {label} | {pct(swap[key], 50):.1f} | {pct(swap[key], 99):.1f} | "
+                     f"{pct(swap[key], 50) / e50:.0f}× |")
+    lines += ["", f"## Cold load of a {mb(cold['blob_bytes'])} adapter (rank {BIG_RANK} on all 7 projections)", "",
+              "| method | median ms |", "|---|---|",
+              f"| edgelora first load (default): sha256 + mmap | {cold['edgelora_first_ms']:.2f} |",
+              f"| edgelora first load with `verify=False`: mmap (the package is trusted) | {cold['edgelora_verify_false_ms']:.2f} |",
+              f"| edgelora reload after an eviction (checks already passed): mmap | {cold['edgelora_reload_ms']:.2f} |",
+              f"| PEFT `load_adapter` | {cold['peft_load_adapter_ms']:.2f} |",
+              "", f"## Resident memory: RSS growth, {mb(mem['blob_bytes'])} adapters (rank {RSS_RANK}) vs one "
+              f"session per tenant (graph {mb(mem['base_bytes'])})", "",
+              "Each tenant is used once (one forward pass) after loading. A merged package would hold one graph per "
+              "adapter of the same size as the base graph; N sessions of the base graph stand in for N merged graphs.", "",
+              "| tenants | edgelora adapters resident | per adapter / blob size | N sessions | sessions / adapters |",
+              "|---|---|---|---|---|"]
+    for row in mem["rows"]:
+        per = row["adapters"] / row["n"] / mem["blob_bytes"]
+        lines.append(f"| {row['n']} | {mb(row['adapters'])} | {per:.2f}× | {mb(row['sessions'])} | "
+                     f"{row['sessions'] / max(row['adapters'], 1):.1f}× |")
+    per50 = mem["rows"][-1]["adapters"] / mem["rows"][-1]["n"] / mem["blob_bytes"]
+    lines += ["", "## Against the targets", "",
+              f"- hot swap ≤ 50 µs p50: {e50:.1f} µs. This is what a call pays to pick its adapter (registry hit and "
+              "a RunOptions carrying it); the forward pass that follows is the same for every adapter.",
+              f"- cold load ≤ 5 ms for 20 MB: {cold['edgelora_verify_false_ms']:.2f} ms with `verify=False` and "
+              f"{cold['edgelora_reload_ms']:.2f} ms on a reload; **not met** by the default first load "
+              f"({cold['edgelora_first_ms']:.1f} ms), which is the sha256 over the whole blob, paid once per adapter "
+              "per process.",
+              f"- RSS growth per resident adapter ≤ 1.2× blob size: {per50:.2f}× at {mem['rows'][-1]['n']} adapters; "
+              "the first adapter's figure also holds one-time growth of onnxruntime's buffers at the first "
+              "adapter-carrying run."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/work", type=Path)
+    parser.add_argument("--results", default="bench/RESULTS-tenants.md", type=Path)
+    args = parser.parse_args()
+    build(args.out)
+    swap = hot_swap(args.out)
+    cold = cold_load(args.out)
+    mem = rss(args.out)
+    text = report(swap, cold, mem, "python bench/tenants.py")
+    args.results.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
