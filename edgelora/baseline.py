@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from .budget import LATENCY_METRICS, LatencySettings
 from .errors import EdgeLoraError
-from .fileio import write_text_atomic
+from .fileio import read_json_object, write_text_atomic
 
 FORMAT = "edgelora-baseline/1"
 
@@ -32,13 +32,8 @@ def load_baseline(path: str | Path, settings: LatencySettings, adapter: str | No
                   needed: list[str]) -> dict[str, float]:
     """The baseline's metrics; refuses a file measured on other work or lacking a metric a budget needs."""
     path = Path(path)
-    if not path.is_file():
-        raise EdgeLoraError(f"{path}: baseline file not found (write one with --save-baseline)")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("metrics"), dict):
+    data = read_json_object(path, "baseline file not found (write one with --save-baseline)")
+    if data.get("format") != FORMAT or not isinstance(data.get("metrics"), dict):
         raise EdgeLoraError(f"{path}: not an edgelora baseline (expected \"format\": \"{FORMAT}\" and \"metrics\")")
     expected = _work(settings, adapter)
     for key, value in expected.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,19 @@ def check_name(name: str, what: str = "adapter name") -> str:
             "starting with a letter or digit, without '..'"
         )
     return name
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A JSON object from ``path``; a missing file, bad JSON or a non-object each end in one line naming it."""
+    if not path.is_file():
+        raise EdgeLoraError(f"{path}: {missing}")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise EdgeLoraError(f"{path}: expected a JSON object")
+    return raw
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

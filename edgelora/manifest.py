@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EdgeLoraError
-from .fileio import check_name, write_text_atomic
+from .fileio import check_name, read_json_object, write_text_atomic
 
 FILENAME = "edgelora.json"
 FORMAT_VERSION = 1
@@ -75,14 +75,7 @@ def load_manifest(package: str | os.PathLike) -> Manifest:
     path = Path(package) / FILENAME
     if not Path(package).is_dir():
         raise EdgeLoraError(f"{package}: not a package directory")
-    if not path.is_file():
-        raise EdgeLoraError(f"{path}: missing; is {package} an edgelora package?")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise EdgeLoraError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, f"missing; is {package} an edgelora package?")
     version = raw.get("format_version")
     if not isinstance(version, int):
         raise EdgeLoraError(f"{path}: format_version is missing or not an integer")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .errors import EdgeLoraError
 from .manifest import Manifest
 
 HOT_SWAP_ROUNDS = 2000
-PROBE_PROMPTS = 4  # seeded random prompts when the budget names none
-PROBE_LENGTH = 8
 
 
 def package_sizes(package: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import EdgeLoraError
-from .fileio import write_text_atomic
+from .fileio import read_json_object, write_text_atomic
 
 
 def sidecar_path(blob: str | os.PathLike) -> Path:
@@ -31,10 +31,7 @@ def read_sidecar(blob: str | os.PathLike) -> dict | None:
     path = sidecar_path(blob)
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("base_fingerprint"), str):
+    raw = read_json_object(path, "missing")
+    if not isinstance(raw.get("base_fingerprint"), str):
         raise EdgeLoraError(f"{path}: expected a JSON object with a base_fingerprint string")
     return raw

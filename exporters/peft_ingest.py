@@ -6,7 +6,6 @@ PEFT is the reference, so its own pattern resolver (``get_pattern_key``) decides
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors, ModuleFactors
+from edgelora.fileio import read_json_object
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -25,14 +25,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG
-    if not path.is_file():
-        raise EdgeLoraError(f"{path}: missing; {folder} is not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise EdgeLoraError(f"{path}: expected a JSON object")
+    config = read_json_object(path, f"missing; {folder} is not a PEFT adapter folder")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
