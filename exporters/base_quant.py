@@ -8,6 +8,8 @@ import onnx
 
 from edgelora.errors import EdgeLoraError
 
+from .fusion import untie_lm_head
+
 BITS = {"none": None, "int8": 8, "int4": 4}
 
 
@@ -24,6 +26,7 @@ def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accura
         return proto
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    untie_lm_head(proto)
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and slot_tensors & set(n.input)]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS[quantize], block_size=block_size, is_symmetric=True,

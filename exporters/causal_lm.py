@@ -20,6 +20,7 @@ from edgelora.errors import EdgeLoraError
 from edgelora.manifest import Slot
 
 from .base_quant import quantize_base
+from .fusion import fuse_for_ort
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -178,12 +179,14 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
                 output_names=outputs,
                 opset_version=OPSET,
                 dynamo=True,
+                optimize=False,  # fuse_for_ort runs the same optimizer once, with the fusions
                 verbose=False,
             )
     finally:
         wrapped.release()
     proto = program.model_proto
     _check_io(proto, inputs + lora_names, outputs)
+    proto, fusions = fuse_for_ort(proto, head_dim)
     _rename_dynamic_dims(proto)
     codec.encode_slots(proto, lora_names, adapter_dtype, block)
     proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
@@ -208,6 +211,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "quantization": quantize,
         "quantization_block_size": block,
         "accuracy_level": accuracy_level,
+        "fusions": fusions,
     }
 
 

@@ -191,6 +191,9 @@ class EdgeModel:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise EdgeLoraError(f"input_ids must be [seq] or [batch, seq] with seq > 0, got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        if self.manifest.graph.get("fusions", {}).get("gqa") and not mask.all():
+            raise EdgeLoraError(f"{self.package}: this graph's GroupQueryAttention takes attention masks of ones only "
+                                "(as onnxruntime-genai's graphs); run padded rows one by one, unpadded")
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         logits, _ = self._forward(self._bind(adapter), ids, mask, positions, self._empty_past(ids.shape[0]))
         return logits

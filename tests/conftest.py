@@ -57,11 +57,11 @@ def make_adapter(base, out_dir: Path, name: str, seed: int):
                                targets=spec.pop("targets"), **spec)
 
 
-def build(tmp: Path, family: str, adapter_names: list[str]) -> Built:
+def build(tmp: Path, family: str, adapter_names: list[str], size: str = "tiny") -> Built:
     from edgelora.exporters.package_writer import export_package
     from edgelora.exporters.tiny_models import build_causal_lm
 
-    base = build_causal_lm(tmp / "base", family=family, size="tiny", seed=0)
+    base = build_causal_lm(tmp / "base", family=family, size=size, seed=0)
     dirs = {}
     for i, name in enumerate(adapter_names):
         dirs[name] = tmp / "adapters" / name

@@ -1,0 +1,376 @@
+"""Decode speed against onnxruntime-genai and PyTorch + PEFT, on a SmolLM-135M-shaped Llama with a rank-16 adapter.
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/decode.py [--work bench/work-decode] [--rounds 3] [--results bench/RESULTS.md]
+
+Builds the model (random weights, tied embeddings) and a rank-16 PEFT adapter on all seven projections,
+exports it with edgelora (fp32 graph + fp32 adapter; int4 base + int8 adapter), builds the peers with
+onnxruntime-genai's model builder (fp32 and int4, adapter baked in with ``adapter_path``), then measures
+every system in its own process, the systems interleaved round after round so that the machine's
+load hits them alike: prefill ms (32-token prompt), decode ms/token (64 new tokens, greedy, EOS ignored),
+peak RSS. Also hot swap (edgelora between two resident adapters, PEFT ``set_adapter``), export seconds,
+and the memory-bandwidth floor of the int4 package. Ratios are of medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+             num_attention_heads=9, num_key_value_heads=3)
+PROMPT_TOKENS, NEW_TOKENS, RANK = 32, 64, 16
+THREADS = 2
+
+
+def build_model(work: Path) -> None:
+    """The base folder (config + weights + a tokenizer, which the genai builder needs) and two adapters."""
+    import torch
+    import transformers
+
+    from edgelora.exporters.tiny_models import random_peft_adapter, save_char_tokenizer
+
+    if (work / "peft/b/adapter_config.json").exists():
+        return
+    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True, max_position_embeddings=2048,
+                                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                      architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(work / "base")
+    save_char_tokenizer(work / "base")
+    for seed, name in enumerate(("a", "b"), start=1):
+        random_peft_adapter(model, work / "peft" / name, seed=seed, r=RANK, alpha=2 * RANK, targets=ALL)
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def exports(work: Path) -> dict[str, float]:
+    """Each package once (reused on later runs); export seconds of the ones built in this run."""
+    edgelora = str(Path(sys.executable).with_name("edgelora"))
+    adapters = ["--adapter", f"a={work / 'peft/a'}", "--adapter", f"b={work / 'peft/b'}"]
+    builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"), "-e", "cpu",
+               "-c", str(work / "hf-cache"), "--extra_options", f"adapter_path={work / 'peft/a'}", "hf_token=false"]
+    jobs = {
+        "edgelora-fp32": [edgelora, "export", str(work / "base"), *adapters, "--out", str(work / "edgelora-fp32")],
+        "edgelora-int4": [edgelora, "export", str(work / "base"), *adapters, "--out", str(work / "edgelora-int4"),
+                          "--quantize", "int4", "--adapter-dtype", "int8", "--accuracy-level", "4"],
+        "genai-fp32": [*builder, "-o", str(work / "genai-fp32"), "-p", "fp32"],
+        "genai-int4": [*builder, "-o", str(work / "genai-int4"), "-p", "int4"],
+    }
+    seconds = {}
+    for name, cmd in jobs.items():
+        if not (work / name).exists():
+            print(f"building {name} ...", file=sys.stderr, flush=True)
+            seconds[name] = timed(cmd)
+    return seconds
+
+
+def prompt_ids() -> list[int]:
+    return [int(t) for t in np.random.default_rng(0).integers(4, 90, PROMPT_TOKENS)]
+
+
+# workers: one system per process, so RSS is the system's own
+
+
+def worker_edgelora(package: Path, adapter: str | None, reps: int) -> dict:
+    from edgelora.runtime import EdgeModel
+
+    model = EdgeModel.open(package, intra_op_threads=THREADS)
+    ids = prompt_ids()
+    model.generate(ids, adapter=adapter, max_new_tokens=4, ignore_eos=True)
+    runs = [model.generate(ids, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True) for _ in range(reps)]
+    return {"prefill_ms": [r.prefill_ms for r in runs], "decode_ms": [r.decode_ms_per_token for r in runs],
+            "tokens": runs[0].token_ids}
+
+
+def worker_genai(folder: Path, reps: int) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+    ids = prompt_ids()
+
+    def run(n: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=PROMPT_TOKENS + n, min_length=PROMPT_TOKENS + n, do_sample=False)
+        generator = og.Generator(model, params)
+        t0 = time.perf_counter()
+        generator.append_tokens(ids)  # the prompt's forward pass; the first generate_next_token only picks
+        prefill = time.perf_counter() - t0
+        tokens = []
+        t0 = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        steps = max(len(tokens) - 1, 1)
+        return prefill * 1e3, (time.perf_counter() - t0) * 1e3 / steps, tokens
+
+    run(4)
+    runs = [run(NEW_TOKENS) for _ in range(reps)]
+    return {"prefill_ms": [r[0] for r in runs], "decode_ms": [r[1] for r in runs], "tokens": runs[0][2]}
+
+
+def worker_torch(work: Path, reps: int) -> dict:
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a").eval()
+    ids = torch.tensor([prompt_ids()])
+
+    @torch.no_grad()
+    def run(n: int):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.perf_counter() - t0
+        tokens = [int(out.logits[0, -1].argmax())]
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+        return prefill * 1e3, (time.perf_counter() - t0) * 1e3 / max(n - 1, 1), tokens
+
+    run(4)
+    runs = [run(NEW_TOKENS) for _ in range(reps)]
+    return {"prefill_ms": [r[0] for r in runs], "decode_ms": [r[1] for r in runs], "tokens": runs[0][2]}
+
+
+def worker_swap(work: Path) -> dict:
+    """Picking another resident adapter for a call (edgelora) against PEFT's ``set_adapter``."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgelora.runtime import EdgeModel
+
+    model = EdgeModel.open(work / "edgelora-int4")
+    for name in ("a", "b"):
+        model.load_adapter(name)
+    edge = []
+    for i in range(2000):
+        t0 = time.perf_counter()
+        model._bind("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + RunOptions
+        edge.append(time.perf_counter() - t0)
+    torch.set_num_threads(THREADS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
+        peft_model.load_adapter(str(work / "peft/b"), adapter_name="b")
+    peft = []
+    for i in range(200):
+        t0 = time.perf_counter()
+        peft_model.set_adapter("ab"[i % 2])
+        peft.append(time.perf_counter() - t0)
+    return {"edgelora_swap_us": float(np.median(edge) * 1e6), "peft_swap_us": float(np.median(peft) * 1e6)}
+
+
+SYSTEMS = {
+    # name: (worker kind, package folder, adapter), a row of the results table
+    "genai-int4": ("genai", "genai-int4", None),
+    "edgelora-int4": ("edgelora", "edgelora-int4", "a"),
+    "edgelora-int4-noadapter": ("edgelora", "edgelora-int4", None),
+    "genai-fp32": ("genai", "genai-fp32", None),
+    "edgelora-fp32": ("edgelora", "edgelora-fp32", "a"),
+    "edgelora-fp32-noadapter": ("edgelora", "edgelora-fp32", None),
+    "torch-peft": ("torch", None, "a"),
+}
+LABELS = {
+    "genai-int4": "onnxruntime-genai int4, adapter baked in",
+    "edgelora-int4": "edgelora int4 base + int8 adapter",
+    "edgelora-int4-noadapter": "edgelora int4 base, same graph, no adapter",
+    "genai-fp32": "onnxruntime-genai fp32, adapter baked in",
+    "edgelora-fp32": "edgelora fp32 + fp32 adapter",
+    "edgelora-fp32-noadapter": "edgelora fp32, same graph, no adapter",
+    "torch-peft": "PyTorch + PEFT eager, fp32",
+}
+
+
+def run_worker(args) -> None:
+    work = Path(args.work)
+    if args.worker == "swap":
+        result = worker_swap(work)
+    else:
+        kind, folder, adapter = SYSTEMS[args.worker]
+        if kind == "edgelora":
+            result = worker_edgelora(work / folder, adapter, args.reps)
+        elif kind == "genai":
+            result = worker_genai(work / folder, args.reps)
+        else:
+            result = worker_torch(work, args.reps)
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(work: Path, system: str, reps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", system, "--reps", str(reps)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large numpy copy, reads and writes both counted (best of 5)."""
+    src = np.ones(64 * 1024 * 1024, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed_copy(dst, src) for _ in range(5))
+    return 2 * src.nbytes / best
+
+
+def _timed_copy(dst, src) -> float:
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - t0
+
+
+def bytes_per_token(package: Path, adapter_file: Path) -> int:
+    """Weights one decode step reads: every initializer, but only one row of the embedding table, plus the adapter."""
+    import onnx
+
+    proto = onnx.load(str(package / "model.onnx"), load_external_data=False)
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    total = 0
+    for t in proto.graph.initializer:
+        size = int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        total += size // t.dims[0] if t.name in gathered and t.dims else size
+    return total + adapter_file.stat().st_size
+
+
+def node_count(package: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(package / "model.onnx"), load_external_data=False).graph.node)
+
+
+def med(values) -> float:
+    return float(np.median(values))
+
+
+def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, command: str) -> str:
+    d = {k: med(v["decode_ms"]) for k, v in rows.items()}
+    p = {k: med(v["prefill_ms"]) for k, v in rows.items()}
+    rss = {k: med(v["rss_mb"]) for k, v in rows.items()}
+    n = len(next(iter(rows.values()))["decode_ms"])
+    lines = [
+        "# Decode against onnxruntime-genai and PyTorch + PEFT",
+        "",
+        f"Command: `{command}` (one run; {n} rounds, systems interleaved within each round, each system in its own "
+        f"process; medians). Model: SmolLM-135M-shaped Llama (vocab 49152, hidden 576, intermediate 1536, 30 layers, "
+        f"9 heads, 3 KV heads, tied embeddings), random weights; rank-{RANK} adapter on all seven projections "
+        f"({len(ALL) * SHAPE['num_hidden_layers']} slots); {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
+        f"greedy, EOS ignored; {THREADS} intra-op threads; 2-core machine shared with other jobs.",
+        "",
+        "| system | prefill ms | decode ms/token | tokens/s | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for k in rows:
+        lines.append(f"| {LABELS[k]} | {p[k]:.1f} | {d[k]:.2f} | {1e3 / d[k]:.1f} | {rss[k]:.0f} |")
+
+    def ratio(a, b):
+        return d[b] / d[a]
+
+    targets = [
+        ("int4 base + int8 adapter vs onnxruntime-genai int4 (tokens/s)", ratio("edgelora-int4", "genai-int4"), ">= 1.0"),
+        ("fp32 + adapter vs onnxruntime-genai fp32 (tokens/s)", ratio("edgelora-fp32", "genai-fp32"), ">= 1.2"),
+        ("fp32 + adapter vs PyTorch + PEFT (tokens/s)", ratio("edgelora-fp32", "torch-peft"), ">= 2.0"),
+        ("adapter overhead, int4 graph (decode ms, active / none)", d["edgelora-int4"] / d["edgelora-int4-noadapter"],
+         "<= 1.05"),
+        ("adapter overhead, fp32 graph (decode ms, active / none)", d["edgelora-fp32"] / d["edgelora-fp32-noadapter"],
+         "<= 1.05"),
+        ("int4 decode / bandwidth floor", d["edgelora-int4"] / floor["floor_ms"], "<= 2.5"),
+    ]
+    lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
+    for label, value, target in targets:
+        op, bound = target.split()
+        met = value >= float(bound) if op == ">=" else value <= float(bound)
+        lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if met else 'no'} |")
+    lines += [
+        "",
+        f"Bandwidth floor: the int4 package reads {floor['bytes'] / 1e6:.1f} MB per decode step (every initializer, "
+        f"one row of the embedding table, the int8 adapter blob); measured copy bandwidth {floor['bw'] / 1e9:.1f} GB/s "
+        f"(numpy copy of 256 MB, reads + writes); floor {floor['floor_ms']:.2f} ms/token.",
+        "",
+        f"Hot swap: edgelora picks another resident adapter for a call in {swap['edgelora_swap_us']:.1f} µs "
+        f"(median of 2000); PEFT `set_adapter` {swap['peft_swap_us']:.0f} µs; onnxruntime-genai with a baked-in adapter "
+        "has to load another model.",
+        "",
+        "Export seconds (packages built in this run; the genai builder is given the adapter to bake in):",
+        "",
+    ]
+    lines += [f"- {k}: {v:.1f} s" for k, v in export_s.items()] or ["- (all packages reused from an earlier run)"]
+    lines += ["", f"Nodes per graph: edgelora fp32 {floor['nodes_fp32']}, edgelora int4 {floor['nodes_int4']}, "
+              f"onnxruntime-genai int4 {floor['nodes_genai']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(HERE / "work-decode"))
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2, help="generations per system per round")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--fresh", action="store_true", help="rebuild every package (to time the exports)")
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    work = Path(args.work)
+    if args.fresh:
+        for name in ("edgelora-fp32", "edgelora-int4", "genai-fp32", "genai-int4"):
+            shutil.rmtree(work / name, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    build_model(work)
+    export_s = exports(work)
+    rows = {k: {"prefill_ms": [], "decode_ms": [], "rss_mb": []} for k in SYSTEMS}
+    tokens = {}
+    for r in range(args.rounds):
+        for system in SYSTEMS:
+            print(f"round {r + 1}/{args.rounds}: {system}", file=sys.stderr, flush=True)
+            result = measure(work, system, args.reps)
+            rows[system]["prefill_ms"].append(med(result["prefill_ms"]))
+            rows[system]["decode_ms"].append(med(result["decode_ms"]))
+            rows[system]["rss_mb"].append(result["rss_mb"])
+            tokens[system] = result["tokens"]
+    swap = measure(work, "swap", 1)
+    bw = copy_bandwidth()
+    floor_bytes = bytes_per_token(work / "edgelora-int4", work / "edgelora-int4/adapters/a.onnx_adapter")
+    floor = {"bytes": floor_bytes, "bw": bw, "floor_ms": floor_bytes / bw * 1e3,
+             "nodes_fp32": node_count(work / "edgelora-fp32"), "nodes_int4": node_count(work / "edgelora-int4"),
+             "nodes_genai": node_count(work / "genai-int4")}
+    command = "python bench/decode.py " + " ".join(a for a in sys.argv[1:])
+    text = report(work, rows, export_s, swap, floor, command.strip())
+    agree = np.mean([a == b for a, b in zip(tokens["edgelora-fp32"], tokens["torch-peft"])])
+    text += (f"\nGreedy tokens, edgelora fp32 vs PyTorch + PEFT: {agree:.0%} of the {NEW_TOKENS} agree "
+             "(random weights give near-flat logits, so late flips from float rounding are expected).\n")
+    Path(args.results).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,102 @@
+"""Graph fusion for onnxruntime: RMSNorm, skip-RMSNorm, rotary embedding and attention become contrib ops.
+
+Decode time on a CPU is dominated by how many nodes run per token, not by their arithmetic, so the
+dynamo graph (about 70 nodes per decoder layer) is handed to onnxscript's own ORT fusions before the
+LoRA slots get their codec's dequantization nodes. The slots are plain graph inputs at that point
+(no default initializers yet), so no fusion can fold an adapter into a constant.
+
+One pattern onnxscript lacks is added: transformers 5 computes the rotary angles as a broadcast
+``Mul`` where onnxscript's cos/sin-cache fusion expects transformers 4's ``MatMul``. With the rotary
+fused, onnxscript's own GroupQueryAttention fusion takes the whole attention with its KV cache (about
+13 nodes per layer instead of 70, as in onnxruntime-genai's graphs). GroupQueryAttention is causal
+over the positions, so such a graph assumes attention masks of ones, as onnxruntime-genai does; and
+onnxruntime's CPU kernel needs a head size that is a multiple of 16, so other models keep
+MultiHeadAttention (the rotary rewrite is skipped for them, which keeps GroupQueryAttention out).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgelora.errors import EdgeLoraError
+
+GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention refuses other head sizes at run time
+
+
+def fuse_for_ort(proto: onnx.ModelProto, head_dim: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The graph with onnxscript's ORT fusions and ours applied, and how many of each fusion it found."""
+    import onnx_ir as ir
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    model = ir.from_proto(proto)
+    if head_dim % GQA_HEAD_MULTIPLE == 0:
+        rewrite(model, _rotary_angles_as_matmul())
+    model, counts = optimize_for_ort(model)
+    fused = ir.to_proto(model)
+    got = ([i.name for i in fused.graph.input], [o.name for o in fused.graph.output])
+    if got != names:
+        raise EdgeLoraError("graph fusion changed the graph's inputs or outputs; export with fusion off")
+    return fused, {k: v for k, v in counts.items() if v}
+
+
+def _rotary_angles_as_matmul():
+    """``Mul(Cast(Unsqueeze(position_ids, [2])), inv_freq)`` -> transformers 4's ``MatMul`` + ``Transpose`` form.
+
+    Both give the angles [batch, seq, dim/2]; only the second is what onnxscript's cos/sin-cache
+    fusion recognises, and without it the rotary embedding stays about 14 nodes per layer.
+    """
+    import onnx_ir as ir
+    from onnxscript.rewriter import pattern
+
+    def angles(op, position_ids, axes, inv_freq):
+        return op.Mul(op.Cast(op.Unsqueeze(position_ids, axes), to=ir.DataType.FLOAT), inv_freq)
+
+    def check(context, position_ids, axes, inv_freq, **_):
+        axes_value = axes.const_value
+        rank = position_ids.shape.rank() if position_ids.shape is not None else None
+        return (inv_freq.const_value is not None and len(inv_freq.const_value.shape) == 1 and rank == 2
+                and axes_value is not None and axes_value.numpy().reshape(-1).tolist() in ([2], [-1]))
+
+    def as_matmul(op, position_ids, axes, inv_freq):
+        column = op.Reshape(inv_freq, op.Constant(value_ints=[1, -1, 1]))
+        row = op.Cast(op.Unsqueeze(position_ids, op.Constant(value_ints=[1])), to=ir.DataType.FLOAT)
+        return op.Transpose(op.MatMul(column, row), perm=[0, 2, 1])
+
+    return pattern.RewriteRuleSet([pattern.RewriteRule(angles, as_matmul, check)], commute=True)
+
+
+def untie_lm_head(proto: onnx.ModelProto) -> int:
+    """Point a ``FusedMatMul(h, E, transB=1)`` LM head at a plain ``MatMul`` on a transposed copy of ``E``.
+
+    With tied embeddings the fused graph multiplies by the embedding table transposed on the fly,
+    which MatMulNBits quantization does not take; a [hidden, vocab] copy lets the LM head (the
+    largest single matrix of a small model) be quantized like every other projection, while the
+    embedding gather keeps its own table. Returns how many heads were rewritten.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    rewritten = 0
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type != "FusedMatMul" or node.domain != "com.microsoft" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transB") != 1 or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        if weight.ndim != 2:
+            continue
+        copy_name = node.input[1] + ".T"
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), copy_name))
+        plain = onnx.helper.make_node("MatMul", [node.input[0], copy_name], list(node.output), name=node.name)
+        proto.graph.node.remove(node)
+        proto.graph.node.insert(i, plain)
+        rewritten += 1
+    return rewritten

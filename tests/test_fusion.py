@@ -1,0 +1,110 @@
+"""The export's fusion pass: contrib ops in the graph, and a tied LM head that base quantization can take."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import build
+
+VOCAB, HIDDEN = 64, 32
+
+
+def op_counts(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def test_exported_graph_uses_fused_contrib_ops(llama):
+    """Parity (test_parity.py) holds on this very graph; here: the RMSNorms and attention are contrib ops."""
+    ops = op_counts(llama.package / "model.onnx")
+    assert ops["SkipSimplifiedLayerNormalization"] >= 2 * 2 - 1  # 2 layers: every norm after the first has a skip
+    assert ops["MultiHeadAttention"] + ops["GroupQueryAttention"] == 2
+    for unfused in ("Pow", "ReduceMean", "Sqrt", "Softmax"):
+        assert ops[unfused] == 0, unfused
+
+
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory):
+    """The "small" Llama: head size 32, which onnxruntime's CPU GroupQueryAttention takes (the tiny one's 8 is not)."""
+    return build(tmp_path_factory.mktemp("gqa"), "llama", ["rs"], size="small")
+
+
+def test_group_query_attention_graph_matches_peft(gqa_llama):
+    from edgelora.errors import EdgeLoraError
+    from edgelora.runtime import EdgeModel
+
+    ops = op_counts(gqa_llama.package / "model.onnx")
+    layers = 4
+    assert ops["GroupQueryAttention"] == layers and ops["MultiHeadAttention"] == 0
+    assert sum(ops.values()) <= layers * (13 + 3 * 7) + 16  # per layer: 13 base ops, 7 LoRA slots of 3 nodes
+    model = EdgeModel.open(gqa_llama.package)
+    ids = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], np.int64)
+    for name in (None, "rs"):
+        assert np.abs(model.logits(ids, adapter=name) - gqa_llama.reference_logits(name, ids)).max() <= 1e-4
+    with pytest.raises(EdgeLoraError, match="attention masks of ones"):
+        model.logits(ids, attention_mask=[[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+
+def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):
+    """Prefill, then a 2-token chunk after a cache (a chat's next turn), then single steps: as one forward pass."""
+    from edgelora.runtime import EdgeModel
+
+    model = EdgeModel.open(gqa_llama.package)
+    prompt = [1, 40, 8, 15, 15, 18]
+    result = model.generate(prompt, adapter="rs", max_new_tokens=5, ignore_eos=True)
+    ids = list(prompt)
+    for _ in range(5):
+        ids.append(int(np.argmax(gqa_llama.reference_logits("rs", [ids])[0, -1])))
+    assert result.token_ids == ids[len(prompt):]
+    chat = model.chat(adapter="rs")
+    first = chat.send(prompt[:3], max_new_tokens=1)
+    second = chat.send(prompt[3:], max_new_tokens=3)
+    whole = prompt[:3] + first.token_ids + prompt[3:]
+    assert second.token_ids == model.generate(whole, adapter="rs", max_new_tokens=3).token_ids
+
+
+def tied_head_graph() -> onnx.ModelProto:
+    """Gather from an embedding table E, then logits = h · Eᵀ as the fused graph has it (FusedMatMul, transB=1)."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"]),
+        helper.make_node("FusedMatMul", ["h", "E"], ["logits"], domain="com.microsoft", transB=1, alpha=1.0),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", VOCAB])],
+        [numpy_helper.from_array(table, "E")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def run(proto, ids):
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"ids": ids})[0]
+
+
+def test_untied_lm_head_computes_the_same_and_quantizes():
+    from edgelora.exporters.base_quant import quantize_base
+    from edgelora.exporters.fusion import untie_lm_head
+
+    ids = np.array([[3, 7, 11]], np.int64)
+    proto = tied_head_graph()
+    want = run(proto, ids)
+    untied = tied_head_graph()
+    assert untie_lm_head(untied) == 1
+    assert [n.op_type for n in untied.graph.node] == ["Gather", "MatMul"]
+    assert np.abs(run(untied, ids) - want).max() <= 1e-5
+
+    quantized = quantize_base(tied_head_graph(), "int8", 32, None, set())
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops == ["Gather", "MatMulNBits"]  # the LM head is quantized; the gather keeps the float table
+    got = run(quantized, ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.02
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 2 / 3
