@@ -55,8 +55,11 @@ def build_model(work: Path) -> None:
 
 
 def timed(cmd: list[str]) -> float:
+    """Wall seconds of a build; its output is shown only if it fails (the genai builder logs every tensor)."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 

@@ -78,12 +78,16 @@ class EdgeModel:
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         verify: bool = True,
+        spin: bool = False,
     ) -> "EdgeModel":
         """Load the base graph once; adapters load lazily on first use.
 
         ``adapter_memory_mb`` caps resident adapter bytes, compositions included (least recently
         used evicted first, pinned ones never); ``verify`` checks each adapter's sha256 against the
-        manifest (or a path adapter's sidecar) on its first load.
+        manifest (or a path adapter's sidecar) on its first load. ``spin`` lets onnxruntime's worker
+        threads busy-wait between ops: off by default, because on a CPU shared with other processes
+        the spinning threads take the cores the next op needs (decode was 1.5-1.8x slower with it on
+        the 2-core development machine under load).
         """
         package = Path(package)
         manifest = load_manifest(package)
@@ -96,6 +100,7 @@ class EdgeModel:
             options.intra_op_num_threads = intra_op_threads
         if inter_op_threads:
             options.inter_op_num_threads = inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = _session(graph_path, options)
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
         registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify,

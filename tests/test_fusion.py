@@ -1,4 +1,4 @@
-"""The export's fusion pass: contrib ops in the graph, and a tied LM head that base quantization can take."""
+"""Speed: the export's fusion pass (contrib ops, GroupQueryAttention, a quantizable tied LM head) and session settings."""
 
 from __future__ import annotations
 
@@ -108,3 +108,12 @@ def test_untied_lm_head_computes_the_same_and_quantizes():
     got = run(quantized, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 0.02
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 2 / 3
+
+
+def test_runtime_threads_do_not_spin_unless_asked(llama):
+    """Spinning worker threads slow decode down on a shared CPU; the session turns them off by default."""
+    from edgelora.runtime import EdgeModel
+
+    key = "session.intra_op.allow_spinning"
+    assert EdgeModel.open(llama.package)._options.get_session_config_entry(key) == "0"
+    assert EdgeModel.open(llama.package, spin=True)._options.get_session_config_entry(key) == "1"
