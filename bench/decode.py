@@ -63,8 +63,8 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def exports(work: Path) -> dict[str, float]:
-    """Each package once (reused on later runs); export seconds of the ones built in this run."""
+def exports(work: Path) -> dict[str, str]:
+    """Each package once, reused on later runs; export seconds are kept beside them (``export-seconds.json``)."""
     edgelora = str(Path(sys.executable).with_name("edgelora"))
     adapters = ["--adapter", f"a={work / 'peft/a'}", "--adapter", f"b={work / 'peft/b'}"]
     builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"), "-e", "cpu",
@@ -76,12 +76,17 @@ def exports(work: Path) -> dict[str, float]:
         "genai-fp32": [*builder, "-o", str(work / "genai-fp32"), "-p", "fp32"],
         "genai-int4": [*builder, "-o", str(work / "genai-int4"), "-p", "int4"],
     }
-    seconds = {}
+    record = work / "export-seconds.json"
+    seconds = json.loads(record.read_text()) if record.exists() else {}
+    built = set()
     for name, cmd in jobs.items():
         if not (work / name).exists():
             print(f"building {name} ...", file=sys.stderr, flush=True)
             seconds[name] = timed(cmd)
-    return seconds
+            built.add(name)
+            record.write_text(json.dumps(seconds))
+    return {name: f"{seconds[name]:.1f} s" + ("" if name in built else " (built by an earlier run)")
+            for name in jobs if name in seconds}
 
 
 def prompt_ids() -> list[int]:
@@ -321,10 +326,11 @@ def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, comm
         f"(median of 2000); PEFT `set_adapter` {swap['peft_swap_us']:.0f} µs; onnxruntime-genai with a baked-in adapter "
         "has to load another model.",
         "",
-        "Export seconds (packages built in this run; the genai builder is given the adapter to bake in):",
+        "Export seconds (wall time of `edgelora export` with both adapters and its quality probe, or of the genai "
+        "builder given the adapter to bake in):",
         "",
     ]
-    lines += [f"- {k}: {v:.1f} s" for k, v in export_s.items()] or ["- (all packages reused from an earlier run)"]
+    lines += [f"- {k}: {v}" for k, v in export_s.items()]
     lines += ["", f"Nodes per graph: edgelora fp32 {floor['nodes_fp32']}, edgelora int4 {floor['nodes_int4']}, "
               f"onnxruntime-genai int4 {floor['nodes_genai']}."]
     return "\n".join(lines) + "\n"
