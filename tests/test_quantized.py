@@ -89,6 +89,7 @@ def test_plain_onnxruntime_loads_quantized_adapters(probe, dtype):
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
 
+    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = export(probe, "merged", mode="merged")
@@ -101,6 +102,12 @@ def test_merged_mode_matches_peft_merge_and_unload(probe):
     assert np.abs(model.logits(IDS, adapter="a") - want).max() <= 1e-4
     assert np.abs(model.logits(IDS) - probe.reference_logits(None, IDS)).max() <= 1e-4
     assert (package / "merged/a/model.onnx").is_file() and not (package / "adapters").exists()
+    # unchanged tensors (embedding, norms, tied LM head) live once on disk: a hard link to the base's data
+    assert (package / "merged/a/base.onnx.data").stat().st_ino == (package / "model.onnx.data").stat().st_ino
+    config = probe.base.config
+    embedding_bytes = config.vocab_size * config.hidden_size * 4
+    manifest = load_manifest(package)
+    assert manifest.adapters["a"].bytes <= manifest.base_bytes - embedding_bytes
     code, _, err = run_cli("add-adapter", package, f"b={probe.adapter_dirs['a']}")
     assert code == 2 and "a merged package has one graph per adapter" in err
 
