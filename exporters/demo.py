@@ -56,7 +56,7 @@ def cache_key(base_dir: Path, train_file: Path, recipe: Recipe) -> str:
         if f.is_file():
             h.update(f.name.encode() + f.read_bytes())
     h.update(train_file.read_bytes())
-    h.update(json.dumps([asdict(recipe), version("peft"), version("torch")]).encode())
+    h.update(json.dumps([asdict(recipe), version("edgelora"), version("peft"), version("torch")]).encode())
     return h.hexdigest()[:16]
 
 
