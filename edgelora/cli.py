@@ -228,13 +228,50 @@ def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
 
 
 @main.command()
+@click.argument("base_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help='JSONL training data, one {"prompt": ..., "completion": ...} per line.')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PEFT adapter folder to write.")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="Comma-separated module names (q_proj,v_proj), or all-linear.")
+@click.option("--epochs", default=1, show_default=True, help="Passes over --data (unless --max-steps).")
+@click.option("--max-steps", default=None, type=int, help="Optimizer steps; overrides --epochs.")
+@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (linear warmup and decay).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Same seed, data and settings: the same adapter.")
+@click.option("--eval-data", type=click.Path(path_type=Path),
+              help="Held-out JSONL: report its loss and greedy exact-match accuracy at the end.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(base_dir, data, out, rank, alpha, targets, epochs, max_steps, lr, batch_size, seed, eval_data, overwrite,
+          quiet):
+    """Train a PEFT LoRA adapter for BASE_DIR on prompt/completion pairs (loss on the completion only)."""
+    from .exporters.train import train_adapter
+
+    r = train_adapter(base_dir, data, out, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
+                      max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed, eval_data=eval_data,
+                      overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {out}: {r.steps} steps in {r.seconds:.1f}s, final train loss {r.train_loss:.4f}")
+    if r.eval_loss is not None:
+        click.echo(f"eval {eval_data}: loss {r.eval_loss:.4f}, exact match {r.exact_match:.1%}")
+
+
+@main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
-              help="Working folder for the demo's base model, adapters and package.")
-def demo(out):
-    """Build a small base and adapters, export them, and run the runtime swapping adapters per request."""
+              help="Working folder for the tenants' data and the package.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where trained tenant adapters are kept and reused  [default: ~/.cache/edgelora/demo]")
+@click.option("--no-cache", is_flag=True, help="Train every tenant adapter again.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="Base weight quantization of the package (its adapters are int8).")
+@click.option("--quick", is_flag=True, help="A few training steps on small sets: checks the pipeline, not the skills.")
+def demo(out, cache_dir, no_cache, quantize, quick):
+    """Train tenant adapters on the shipped base, export one package, and serve the tenants per request."""
     from .exporters.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick)
 
 
 if __name__ == "__main__":

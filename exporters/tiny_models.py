@@ -22,6 +22,7 @@ SIZES = {
     # hidden, intermediate, layers, heads, kv heads
     "tiny": (32, 64, 2, 4, 2),
     "small": (128, 344, 4, 4, 2),
+    "demo": (64, 256, 4, 4, 2),
 }
 
 
