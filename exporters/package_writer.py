@@ -197,7 +197,8 @@ def export_package(
     quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
-            graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize, accuracy_level)
+            graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize,
+                                          accuracy_level)
         entries = {}
         if merged:
             for name, f in factors.items():

@@ -91,8 +91,12 @@ ENCODER_PREFIXES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilB
 
 
 def build_encoder(out_dir: str | Path, family: str = "bert", task: str = "sequence-classification", seed: int = 0,
-                  labels: tuple[str, ...] = ("negative", "neutral", "positive")):
-    """A random-weight BERT-family encoder folder (hidden 32, 2 layers) with the character tokenizer."""
+                  labels: tuple[str, ...] = ("negative", "neutral", "positive"), initializer_range: float = 0.2):
+    """A random-weight BERT-family encoder folder (hidden 32, 2 layers) with the character tokenizer.
+
+    The default ``initializer_range`` is ten times the usual: at 0.02 a random classifier head squashes
+    every logit (and every adapter's effect on it) to near zero.
+    """
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -109,6 +113,7 @@ def build_encoder(out_dir: str | Path, family: str = "bert", task: str = "sequen
         hidden_dim=inter,  # DistilBERT's name for the intermediate size
         max_position_embeddings=128,
         pad_token_id=0,
+        initializer_range=initializer_range,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
         architectures=[arch],
