@@ -280,13 +280,20 @@ def test_add_adapter_to_an_encoder_package(bert_cls, tmp_path):
                                   model.classify(TEXTS, adapter="all").logits)
 
 
-def test_int8_adapters_on_an_encoder(bert_cls, tmp_path):
+def test_int8_adapters_on_an_int8_encoder(bert_cls, tmp_path):
+    """int8 factors in int8 slots, on a base quantized to MatMulNBits: close to PEFT's fp32 answer, and far
+    closer to it than to the base's."""
+    import onnx
+
     from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
-    package = export(bert_cls.base_dir, bert_cls.adapter_dirs, tmp_path / "int8", adapter_dtype="int8")
+    package = export(bert_cls.base_dir, bert_cls.adapter_dirs, tmp_path / "int8", adapter_dtype="int8",
+                     quantize="int8")
     manifest = load_manifest(package)
     assert {s.dtype for s in manifest.slots} == {"int8"}
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    assert "MatMulNBits" in {n.op_type for n in graph.node}
     model = EdgeModel.open(package)
     batch = model.tokenize(TEXTS)
     for name in CLS_ADAPTERS:
@@ -294,7 +301,8 @@ def test_int8_adapters_on_an_encoder(bert_cls, tmp_path):
         assert manifest.quality[name]["delta_rel_error"] < 1e-2
         got = model.classify(TEXTS, adapter=name).logits
         want = reference_cls(bert_cls, name, batch)
-        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max(), name
+        effect = np.abs(want - reference_cls(bert_cls, None, batch)).max()
+        assert np.abs(got - want).max() <= min(5e-2 * np.abs(want).max(), 0.25 * effect), name
 
 
 def test_merged_mode_on_an_encoder(bert_cls, tmp_path):
