@@ -75,7 +75,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, overwrite, quiet):
-    """Export BASE_DIR (a Hugging Face causal LM folder) with one LoRA slot per targeted module."""
+    """Export BASE_DIR (a Hugging Face causal LM or BERT-family encoder) with one LoRA slot per targeted module."""
     from .exporters.package_writer import export_package
 
     specs = dict(parse_adapter_spec(s) for s in adapters)
@@ -159,6 +159,37 @@ def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_
         r = pieces.result
         click.echo(f"prompt {r.prompt_tokens} tokens, prefill {r.prefill_ms:.1f} ms, {len(r.token_ids)} new tokens, "
                    f"decode {r.decode_ms_per_token:.2f} ms/token, finish: {r.finish_reason}", err=True)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, help="A text to classify; repeat for a batch.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
+def classify(package, texts, adapters):
+    """Classify each --text with a sequence-classification PACKAGE: label, probability and text per line."""
+    from .runtime import EdgeModel
+
+    result = EdgeModel.open(package).classify(list(texts), adapter=parse_generate_adapters(adapters))
+    for text, label, probabilities in zip(texts, result.labels, result.probabilities):
+        click.echo(f"{label}\t{probabilities.max():.4f}\t{text}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, help="A text to embed; repeat for a batch.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
+@click.option("--normalize", is_flag=True, help="Scale each embedding to unit length.")
+def embed(package, texts, adapters, normalize):
+    """Embed each --text with a feature-extraction PACKAGE: one JSON array (mean-pooled embedding) per line."""
+    import json
+
+    from .runtime import EdgeModel
+
+    model = EdgeModel.open(package)
+    for vector in model.embed(list(texts), adapter=parse_generate_adapters(adapters), normalize=normalize):
+        click.echo(json.dumps([float(x) for x in vector]))
 
 
 @main.command()
