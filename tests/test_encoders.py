@@ -160,7 +160,7 @@ def test_wrong_task_calls_are_one_line_errors(minilm, llama):
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_cli_embed_and_inspect(minilm):
+def test_cli_embed_and_inspect(minilm, tmp_path):
     import json
 
     from edgelora.runtime import EdgeModel
@@ -175,6 +175,10 @@ def test_cli_embed_and_inspect(minilm):
     assert vectors.shape == (2, 384) and np.abs(vectors - want).max() <= 1e-6
     code, _, text = run_cli("classify", package, "--text", "x")
     assert code == 2 and "classify needs a sequence-classification package" in text
+    budget = tmp_path / "quality.toml"
+    budget.write_text("[quality]\nmin_greedy_agreement = 0.99\n")
+    code, _, text = run_cli("check", package, "--budget", budget)
+    assert code == 2 and "quality.min_greedy_agreement does not apply to a feature-extraction package" in text
 
 
 CLS_ADAPTERS = {
