@@ -165,7 +165,7 @@ def export_package(
     merged = mode == "merged"
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
-        factors = {name: ingest_peft(path) for name, path in adapters.items()}
+        factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir)
         family = family_of(model)
