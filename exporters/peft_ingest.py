@@ -113,7 +113,8 @@ def ingest_peft(folder: str | Path, merged: bool = False) -> AdapterFactors:
     config = read_config(folder)
     weights = read_weights(folder)
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    merge_only: dict[str, str] = {}
+    # a DoRA config without magnitudes would make PEFT compute them from the base: still not low-rank
+    merge_only = {"DoRA (use_dora)": f"use_dora in {CONFIG}"} if config.get("use_dora") else {}
     for key, tensor in weights.items():
         m = _KEY.match(key) or _EMBEDDING_KEY.match(key)
         if m is not None:

@@ -41,6 +41,10 @@ ADAPTERS = {
     "dora": dict(r=4, alpha=8, targets="linear", use_dora=True),
     "extras": dict(r=4, alpha=8, targets="pair", modules_to_save=["lm_head"], bias="lora_only",
                    lora_bias=True),
+    # one merge-only feature each, for the errors of separate mode
+    "saved": dict(r=4, alpha=8, targets="pair", modules_to_save=["lm_head"]),
+    "bias": dict(r=4, alpha=8, targets="pair", bias="all"),
+    "lora-bias": dict(r=4, alpha=8, targets="pair", lora_bias=True),
 }
 _EVERY_FAMILY = ["plain", "rs", "all-linear", "regex", "layers", "embedding"]
 FAMILY_ADAPTERS = {
