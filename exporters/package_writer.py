@@ -234,7 +234,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
     """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
     from edgelora.runtime import EdgeModel
 
-    from .merge import merged_copy
+    from .merge import with_adapter
     from .quality import delta_error, probe_ids, top1_agreement, torch_logits
 
     runtime = EdgeModel.open(package)
@@ -243,7 +243,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
                    "top1_agreement": top1_agreement(torch_logits(model, ids), runtime.logits(ids))}}
     for name, f in factors.items():
         entry = manifest.adapters[name]
-        reference = torch_logits(merged_copy(model, f, name), ids)
+        reference = torch_logits(with_adapter(model, f), ids)
         report[name] = {
             "dtype": entry.dtype,
             "delta_rel_error": None if manifest.mode == "merged" else delta_error(f, package / entry.file),

@@ -23,7 +23,7 @@ WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 # Tensors that are not a low-rank delta: merged mode folds them in with PEFT's own merge_and_unload,
-# separate mode refuses them. Checked in order; the first match names the feature.
+# separate mode refuses them. Checked in order (after modules_to_save); the first match names the feature.
 _MERGE_ONLY = (
     (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA (use_dora)"),
     (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_bias"),
@@ -51,12 +51,12 @@ def read_config(folder: Path) -> dict:
 
 def merge_only_feature(key: str, config: dict) -> str | None:
     """The PEFT feature a non-LoRA tensor belongs to, if merged mode can take it."""
-    for pattern, label in _MERGE_ONLY:
-        if pattern.search(key):
-            return label
     module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
     if any(module == m or module.endswith("." + m) for m in config.get("modules_to_save") or []):
         return "modules_to_save"
+    for pattern, label in _MERGE_ONLY:
+        if pattern.search(key):
+            return label
     if key.endswith(".bias") and config.get("bias", "none") != "none":
         return f"bias={config['bias']!r}"
     return None

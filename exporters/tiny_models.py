@@ -25,10 +25,12 @@ CONFIGS = {
 }
 # What a family's config names differently or defaults to sizes of a real model (head_dim 256, a
 # 4096-token window) that a tiny one must override.
+# GPT-2 and Gemma keep their released models' tied input and output embeddings.
 FAMILY_CONFIG = {
     "phi3": dict(original_max_position_embeddings=512),
-    "gemma": dict(head_dim=None),
-    "gemma2": dict(head_dim=None, query_pre_attn_scalar=None, sliding_window=512),
+    "gpt2": dict(tie_word_embeddings=True),
+    "gemma": dict(head_dim=None, tie_word_embeddings=True),
+    "gemma2": dict(head_dim=None, query_pre_attn_scalar=None, sliding_window=512, tie_word_embeddings=True),
     "qwen3": dict(head_dim=None),
 }
 SIZES = {
@@ -80,15 +82,17 @@ def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tin
         sizes = dict(n_embd=hidden, n_inner=inter, n_layer=layers, n_head=heads, n_positions=512)
     extra = {k: hidden // heads if v is None else v for k, v in FAMILY_CONFIG.get(family, {}).items()}
     config = config_cls(
-        vocab_size=len(SPECIALS) + len(CHARS),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        initializer_range=initializer_range,
-        architectures=[model_cls.__name__],
-        **sizes,
-        **extra,
+        **{
+            "vocab_size": len(SPECIALS) + len(CHARS),
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": False,
+            "initializer_range": initializer_range,
+            "architectures": [model_cls.__name__],
+            **sizes,
+            **extra,
+        }
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()

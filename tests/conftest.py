@@ -52,7 +52,7 @@ FAMILY_ADAPTERS = {
     **{f: _EVERY_FAMILY for f in ("mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2")},
 }
 # Qwen2 has biases on q/k/v, so bias="lora_only" saves real tensors there.
-MERGED_ADAPTERS = {"qwen2": ["dora", "extras"]}
+MERGED_ADAPTERS = {"qwen2": ["dora", "extras", "embedding"]}
 
 
 @dataclass

@@ -76,5 +76,19 @@ def test_separate_mode_refuses_merge_only_variants_naming_merged_mode(qwen2_base
     assert ingest_peft(tmp_path / adapter, merged=True).extra["merge_only"] == [feature]
 
 
+def test_merged_mode_refuses_embedding_lora_on_tied_embeddings(tmp_path):
+    """GPT-2 ties wte to lm_head: merging would change the output layer, which PEFT's forward does not."""
+    from edgelora.errors import EdgeLoraError
+    from edgelora.exporters.merge import merged_copy
+    from edgelora.exporters.peft_ingest import ingest_peft
+    from edgelora.exporters.tiny_models import build_causal_lm
+
+    base = build_causal_lm(tmp_path / "base", family="gpt2", with_tokenizer=False)
+    make_adapter(base, "gpt2", tmp_path / "a", "embedding", seed=3)
+    with pytest.raises(EdgeLoraError, match=r"LoRA on transformer\.wte, which the base ties to its output layer.*"
+                                            "export it in separate mode"):
+        merged_copy(base, ingest_peft(tmp_path / "a", merged=True), "a")
+
+
 if __name__ == "__main__":
     print(support_table())
