@@ -69,7 +69,9 @@ class SlottedCausalLM(nn.Module):
         from transformers import DynamicCache
 
         self._factors = {name: (lora[2 * i], lora[2 * i + 1]) for i, name in enumerate(self.slots)}
-        cache = DynamicCache(config=self.model.config)
+        # Full layers even for sliding-window models (Mistral, Gemma 2): a sliding layer would crop the
+        # presents to the window, breaking "present = past + new"; the attention mask applies the window.
+        cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(
