@@ -186,6 +186,48 @@ def check(package, budget_file, as_json, junit, baseline, save_baseline):
 
 
 @main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter (or NAME:WEIGHT) to measure beside the base; repeatable (default: every adapter).")
+@click.option("--runs", default=5, show_default=True, help="Measured runs per target, after one warm-up.")
+@click.option("--prompt-tokens", default=32, show_default=True)
+@click.option("--decode-tokens", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
+    """Measure PACKAGE on this machine: prefill and decode per adapter against the base, swap and load costs."""
+    import json
+    from dataclasses import asdict
+
+    from .budget import LatencySettings
+    from .measure import compare, cold_load_ms, hot_swap_us, peak_rss_bytes
+    from .runtime import EdgeModel
+
+    model = EdgeModel.open(package)
+    targets = [None] + [parse_generate_adapters((spec,)) for spec in adapters or model.adapters]
+    if runs < 1:
+        raise EdgeLoraError(f"--runs {runs}: need at least 1")
+    settings = LatencySettings(runs=runs, warmup=1, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
+    rows = compare(model, targets, settings)
+    resident = [n for n in model.adapters if n in model.stats()["resident"]]
+    extra = {}
+    if resident and model.manifest.mode != "merged":
+        extra = {"hot_swap_us": hot_swap_us(model, resident), "cold_load_ms": cold_load_ms(model, resident[0], runs)}
+    extra["peak_rss"] = peak_rss_bytes()
+    if as_json:
+        click.echo(json.dumps({"targets": rows, **extra, "settings": asdict(settings)}, indent=2))
+        return
+    base = rows["(base)"]["decode_ms_per_token"]
+    click.echo(f"{'target':<24} {'prefill ms':>10} {'decode ms/token':>15} {'vs base':>8}")
+    for label, r in rows.items():
+        overhead = "-" if label == "(base)" else f"{r['decode_ms_per_token'] / base - 1:+.1%}"
+        click.echo(f"{label:<24} {r['prefill_ms']:>10.2f} {r['decode_ms_per_token']:>15.3f} {overhead:>8}")
+    if "hot_swap_us" in extra:
+        click.echo(f"hot swap {extra['hot_swap_us']:.1f} µs, cold load of {resident[0]} {extra['cold_load_ms']:.2f} ms")
+    click.echo(f"peak RSS {human_bytes(extra['peak_rss'])}; {prompt_tokens}-token prompt, {decode_tokens} new "
+               f"tokens, median of {runs} interleaved runs")
+
+
+@main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
               help="Working folder for the demo's base model, adapters and package.")
 def demo(out):

@@ -150,6 +150,7 @@ def export_package(
     """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in."""
     from .causal_lm import export_graph, family_of, slots_for
     from .merge import merged_copy
+    from .shared_weights import share_base_tensors
 
     base_dir, out = Path(base_dir), Path(out)
     check_dtype(adapter_dtype)
@@ -185,6 +186,7 @@ def export_package(
                 with steps.step(f"exporting merged graph {name}{quant}"):
                     export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
                                  accuracy_level)
+                    share_base_tensors(path, tmp / "model.onnx")
                 entries[name] = AdapterEntry(
                     file=str(path.relative_to(tmp)), sha256=sha256_file(path), bytes=graph_bytes(path),
                     rank=f.rank, alpha=f.alpha, dtype="merged", source=str(adapters[name]),

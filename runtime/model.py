@@ -83,7 +83,8 @@ class EdgeModel:
 
         ``adapter_memory_mb`` caps resident adapter bytes, compositions included (least recently
         used evicted first, pinned ones never); ``verify`` checks each adapter's sha256 against the
-        manifest (or a path adapter's sidecar) on its first load.
+        manifest (or a path adapter's sidecar) before its first use: package adapters are hashed in a
+        background thread from here on, so a first load usually costs only the memory map.
         """
         package = Path(package)
         manifest = load_manifest(package)
@@ -100,6 +101,8 @@ class EdgeModel:
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
         registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify,
                                    manifest.base_fingerprint, manifest.adapter_block_size)
+        if verify:
+            registry.verify_in_background()
         tokenizer = None
         if manifest.tokenizer:
             from tokenizers import Tokenizer
