@@ -23,10 +23,9 @@ CONFIGS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
 }
-# What a family's config names differently or defaults to sizes of a real model (head_dim 256, a
-# 4096-token window) that a tiny one must override.
-# GPT-2 and Gemma keep their released models' tied input and output embeddings; sliding windows are
-# shorter than the test sequences, so the tests run past them.
+# Per family, what its config defaults to a released model's size (head_dim 256, a 4096-token window);
+# None stands for hidden // heads. GPT-2 and Gemma tie input and output embeddings like their released
+# models; sliding windows are shorter than the tests' sequences, so the tests run past them.
 FAMILY_CONFIG = {
     "mistral": dict(sliding_window=4),
     "phi3": dict(original_max_position_embeddings=512),

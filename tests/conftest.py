@@ -88,27 +88,33 @@ def targets_of(family: str, spec):
     return names[spec]
 
 
-def make_adapter(base, family: str, out_dir: Path, name: str, seed: int):
-    """A saved PEFT adapter; tensors that are no LoRA factor (saved copies of base weights, DoRA
-    magnitudes, biases) are perturbed, since at their initial values they would change nothing."""
+def make_adapter(base, out_dir: Path, name: str, seed: int, family: str = "llama"):
+    """A saved PEFT adapter, and PEFT's model as loaded from it. Tensors that are no LoRA factor (saved
+    copies of base weights, DoRA magnitudes, biases) are perturbed: at their initial values they change nothing."""
     import torch
+    from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
     from edgelora.exporters.tiny_models import random_peft_adapter
 
-    if name == "legacy":
-        make_adapter(base, family, out_dir, "plain", seed)
-        return save_legacy(out_dir)
-    spec = dict(ADAPTERS[name])
-    random_peft_adapter(base, out_dir, seed=seed, r=spec.pop("r"), alpha=spec.pop("alpha"),
-                        targets=targets_of(family, spec.pop("targets")), **spec)
+    spec = dict(ADAPTERS["plain" if name == "legacy" else name])
+    peft_model = random_peft_adapter(base, out_dir, seed=seed, r=spec.pop("r"), alpha=spec.pop("alpha"),
+                                     targets=targets_of(family, spec.pop("targets")), **spec)
     path = out_dir / "adapter_model.safetensors"
     tensors = load_file(str(path))
-    gen = torch.Generator().manual_seed(seed)
-    for key, t in tensors.items():
-        if ".lora_A" not in key and ".lora_B.weight" not in key and ".lora_embedding_" not in key:
+    others = [k for k in tensors if ".lora_A" not in k and ".lora_B.weight" not in k and ".lora_embedding_" not in k]
+    if others:
+        gen = torch.Generator().manual_seed(seed)
+        for key in others:
+            t = tensors[key]
             t += 0.1 * t.abs().mean().clamp(min=0.1) * torch.randn(t.shape, generator=gen)
-    save_file(tensors, str(path))
+        save_file(tensors, str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(out_dir)).eval()
+    if name == "legacy":
+        save_legacy(out_dir)
+    return peft_model
 
 
 def save_legacy(folder: Path) -> None:
@@ -130,7 +136,7 @@ def build(tmp: Path, family: str, adapter_names: list[str], mode: str = "separat
     dirs = {}
     for i, name in enumerate(adapter_names):
         dirs[name] = tmp / "adapters" / name
-        make_adapter(base, family, dirs[name], name, seed=100 + i)
+        make_adapter(base, dirs[name], name, seed=100 + i, family=family)
     export_package(tmp / "base", dirs, tmp / "pkg", progress=False, mode=mode)
     return Built(family, tmp / "base", base, dirs, tmp / "pkg")
 

@@ -67,7 +67,7 @@ def test_separate_mode_refuses_merge_only_variants_naming_merged_mode(qwen2_base
     from edgelora.errors import EdgeLoraError
     from edgelora.exporters.peft_ingest import ingest_peft
 
-    make_adapter(qwen2_base, "qwen2", tmp_path / adapter, adapter, seed=7)
+    make_adapter(qwen2_base, tmp_path / adapter, adapter, seed=7, family="qwen2")
     with pytest.raises(EdgeLoraError) as e:
         ingest_peft(tmp_path / adapter)
     message = str(e.value)
@@ -84,7 +84,7 @@ def test_merged_mode_refuses_embedding_lora_on_tied_embeddings(tmp_path):
     from edgelora.exporters.tiny_models import build_causal_lm
 
     base = build_causal_lm(tmp_path / "base", family="gpt2", with_tokenizer=False)
-    make_adapter(base, "gpt2", tmp_path / "a", "embedding", seed=3)
+    make_adapter(base, tmp_path / "a", "embedding", seed=3, family="gpt2")
     with pytest.raises(EdgeLoraError, match=r"LoRA on transformer\.wte, which the base ties to its output layer.*"
                                             "export it in separate mode"):
         merged_copy(base, ingest_peft(tmp_path / "a", merged=True), "a")
