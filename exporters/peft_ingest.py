@@ -25,7 +25,7 @@ _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embe
 # Tensors that are not a low-rank delta: merged mode folds them in with PEFT's own merge_and_unload,
 # separate mode refuses them. Checked in order (after modules_to_save); the first match names the feature.
 _MERGE_ONLY = (
-    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA (use_dora)"),
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA"),
     (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_bias"),
     (re.compile(r"(\.base_layer\.weight|embed_tokens\.weight|\.wte\.weight)$"),
      "a full copy of an embedding (save_embedding_layers)"),
@@ -114,7 +114,7 @@ def ingest_peft(folder: str | Path, merged: bool = False) -> AdapterFactors:
     weights = read_weights(folder)
     pairs: dict[str, dict[str, np.ndarray]] = {}
     # a DoRA config without magnitudes would make PEFT compute them from the base: still not low-rank
-    merge_only = {"DoRA (use_dora)": f"use_dora in {CONFIG}"} if config.get("use_dora") else {}
+    merge_only = {"DoRA": f"use_dora in {CONFIG}"} if config.get("use_dora") else {}
     for key, tensor in weights.items():
         m = _KEY.match(key) or _EMBEDDING_KEY.match(key)
         if m is not None:
@@ -127,7 +127,7 @@ def ingest_peft(folder: str | Path, merged: bool = False) -> AdapterFactors:
     if merge_only and not merged:
         feature, key = next(iter(sorted(merge_only.items())))
         raise EdgeLoraError(
-            f"{folder}: {feature} ({key}) is not a low-rank delta, so it cannot be a swappable slot; "
+            f"{folder}: {feature} is not a low-rank delta ({key}), so it cannot be a swappable slot; "
             "export this adapter with --mode merged"
         )
     modules = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class Built:
     base: object  # the torch model
     adapter_dirs: dict[str, Path]
     package: Path
+    _logits: dict = field(default_factory=dict, repr=False)
 
     def peft(self, name: str):
         """PEFT's own PyTorch model for a saved adapter: the reference every parity test compares against."""
@@ -72,11 +73,16 @@ class Built:
             return PeftModel.from_pretrained(copy.deepcopy(self.base), str(self.adapter_dirs[name])).eval()
 
     def reference_logits(self, name: str | None, ids) -> np.ndarray:
+        """Remembered per adapter and input: several parity tests ask for the same reference."""
         import torch
 
-        model = self.base if name is None else self.peft(name)
-        with torch.no_grad():
-            return model(torch.as_tensor(np.asarray(ids, dtype=np.int64))).logits.numpy()
+        ids = np.asarray(ids, dtype=np.int64)
+        key = (name, ids.shape, ids.tobytes())
+        if key not in self._logits:
+            model = self.base if name is None else self.peft(name)
+            with torch.no_grad():
+                self._logits[key] = model(torch.as_tensor(ids)).logits.numpy()
+        return self._logits[key].copy()
 
 
 def targets_of(family: str, spec):

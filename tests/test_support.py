@@ -22,7 +22,7 @@ VARIANTS = [
     ("`rank_pattern` / `alpha_pattern`", ("patterns",), None),
     ("LoRA on embeddings (`lora_embedding_A/B`)", ("embedding",), None),
     ("older PEFT: `adapter_model.bin`, adapter name in keys", ("legacy",), None),
-    ("DoRA (`use_dora`)", ("dora",), "DoRA (use_dora)"),
+    ("DoRA (`use_dora`)", ("dora",), "DoRA"),
     ("`modules_to_save`", ("saved", "extras"), "modules_to_save"),
     ('`bias="lora_only"` or `"all"`', ("bias", "extras"), "bias='all'"),
     ("`lora_bias`", ("lora-bias", "extras"), "lora_bias"),
