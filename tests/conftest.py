@@ -38,7 +38,7 @@ ADAPTERS = {
     "layers": dict(r=2, alpha=4, targets="linear", layers_to_transform=[1]),
     "embedding": dict(r=4, alpha=8, targets="embedding+pair"),
     # merge-only variants (tensors that are no low-rank delta), exported in merged mode
-    "dora": dict(r=4, alpha=8, targets="linear", use_dora=True),
+    "dora": dict(r=4, alpha=8, targets="embedding+linear", use_dora=True),
     "extras": dict(r=4, alpha=8, targets="pair", modules_to_save=["lm_head"], bias="lora_only",
                    lora_bias=True),
     # one merge-only feature each, for the errors of separate mode
@@ -52,7 +52,7 @@ FAMILY_ADAPTERS = {
     **{f: _EVERY_FAMILY for f in ("mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2")},
 }
 # Qwen2 has biases on q/k/v, so bias="lora_only" saves real tensors there.
-MERGED_ADAPTERS = {"qwen2": ["dora", "extras", "embedding"]}
+MERGED_ADAPTERS = {"qwen2": ["dora", "extras"]}
 
 
 @dataclass
@@ -86,12 +86,12 @@ class Built:
 
 
 def targets_of(family: str, spec):
+    """PEFT's target_modules for a spec: a tuple or "all-linear" as is, else keys of TARGETS joined by "+"."""
     if isinstance(spec, tuple) or spec == "all-linear":
         return spec
     names = TARGETS[family]
-    if spec == "embedding+pair":
-        return (names["embedding"], *names["pair"])
-    return names[spec]
+    parts = [names[key] for key in spec.split("+")]
+    return parts[0] if len(parts) == 1 else tuple(n for p in parts for n in ((p,) if isinstance(p, str) else p))
 
 
 def make_adapter(base, out_dir: Path, name: str, seed: int, family: str = "llama"):

@@ -20,7 +20,7 @@ VARIANTS = [
     ("`layers_to_transform`", ("layers",), None),
     ("rsLoRA (`use_rslora`)", ("rs",), None),
     ("`rank_pattern` / `alpha_pattern`", ("patterns",), None),
-    ("LoRA on embeddings (`lora_embedding_A/B`)", ("embedding",), None),
+    ("LoRA on embeddings (`lora_embedding_A/B`)", ("embedding", "dora"), None),
     ("older PEFT: `adapter_model.bin`, adapter name in keys", ("legacy",), None),
     ("DoRA (`use_dora`)", ("dora",), "DoRA"),
     ("`modules_to_save`", ("saved", "extras"), "modules_to_save"),
