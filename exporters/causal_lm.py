@@ -19,6 +19,11 @@ FAMILIES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "GPT2LMHeadModel": "gpt2",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 
@@ -33,7 +38,9 @@ class SlottedCausalLM(SlotHooks):
         from transformers import DynamicCache
 
         self.set_factors(lora)
-        cache = DynamicCache(config=self.model.config)
+        # Full layers even for sliding-window models (Mistral, Gemma 2): a sliding layer would crop the
+        # presents to the window, breaking "present = past + new"; the attention mask applies the window.
+        cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(

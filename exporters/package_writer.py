@@ -186,7 +186,7 @@ def export_package(
     merged = mode == "merged"
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
-        factors = {name: ingest_peft(path) for name, path in adapters.items()}
+        factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir, task)
         family = exporter.family_of(model)
@@ -259,7 +259,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
     """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
     from edgelora.runtime import EdgeModel
 
-    from .merge import merged_copy
+    from .merge import with_adapter
     from .quality import agreement, delta_error, probe_ids, torch_logits
 
     runtime = EdgeModel.open(package)
@@ -275,7 +275,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
                    **agreement(task, torch_logits(model, ids, output), package_output(None))}}
     for name, f in factors.items():
         entry = manifest.adapters[name]
-        reference = torch_logits(merged_copy(model, f, name), ids, output)
+        reference = torch_logits(with_adapter(model, f), ids, output)
         report[name] = {
             "dtype": entry.dtype,
             "delta_rel_error": None if manifest.mode == "merged" else delta_error(f, package / entry.file),

@@ -18,9 +18,18 @@ from edgelora.fileio import read_json_object
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# PEFT saves "base_model.model.<module>.lora_A.weight"; older versions kept the adapter name
-# ("...lora_A.default.weight").
+# PEFT saves "base_model.model.<module>.lora_A.weight" (on an embedding: ".lora_embedding_A", a bare
+# parameter); older versions kept the adapter name ("...lora_A.default.weight").
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+# Tensors that are not a low-rank delta: merged mode folds them in with PEFT's own merge_and_unload,
+# separate mode refuses them. Checked in order (after modules_to_save); the first match names the feature.
+_MERGE_ONLY = (
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA"),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_bias"),
+    (re.compile(r"(\.base_layer\.weight|embed_tokens\.weight|\.wte\.weight)$"),
+     "a full copy of an embedding (save_embedding_layers)"),
+)
 
 
 def read_config(folder: Path) -> dict:
@@ -29,17 +38,8 @@ def read_config(folder: Path) -> dict:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
-    unsupported = {
-        "use_dora": "DoRA",
-        "modules_to_save": "modules_to_save",
-        "trainable_token_indices": "trainable_token_indices",
-        "lora_bias": "lora_bias",
-    }
-    for key, label in unsupported.items():
-        if config.get(key):
-            raise EdgeLoraError(f"{path}: {label} is not supported yet (it is not a pure low-rank delta)")
-    if config.get("bias", "none") != "none":
-        raise EdgeLoraError(f"{path}: bias={config['bias']!r} is not supported yet; only bias='none'")
+    if config.get("trainable_token_indices"):
+        raise EdgeLoraError(f"{path}: trainable_token_indices is not supported yet (it is not a pure low-rank delta)")
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise EdgeLoraError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
@@ -47,6 +47,19 @@ def read_config(folder: Path) -> dict:
         if not isinstance(config.get(key) or {}, dict):
             raise EdgeLoraError(f"{path}: {key} must be a mapping")
     return config
+
+
+def merge_only_feature(key: str, config: dict) -> str | None:
+    """The PEFT feature a non-LoRA tensor belongs to, if merged mode can take it."""
+    module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+    if any(module == m or module.endswith("." + m) for m in config.get("modules_to_save") or []):
+        return "modules_to_save"
+    for pattern, label in _MERGE_ONLY:
+        if pattern.search(key):
+            return label
+    if key.endswith(".bias") and config.get("bias", "none") != "none":
+        return f"bias={config['bias']!r}"
+    return None
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -88,27 +101,35 @@ def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[floa
     return scale, alpha
 
 
-def ingest_peft(folder: str | Path) -> AdapterFactors:
+def ingest_peft(folder: str | Path, merged: bool = False) -> AdapterFactors:
+    """The adapter's low-rank factors; with ``merged`` it may also carry what only a merge can take.
+
+    Those parts (DoRA magnitudes, biases, modules_to_save copies) are listed in
+    ``extra["merge_only"]``; merged mode folds the whole adapter in with PEFT from the folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeLoraError(f"{folder}: adapter folder not found")
     config = read_config(folder)
     weights = read_weights(folder)
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    # a DoRA config without magnitudes would make PEFT compute them from the base: still not low-rank
+    merge_only = {"DoRA": f"use_dora in {CONFIG}"} if config.get("use_dora") else {}
     for key, tensor in weights.items():
-        m = _KEY.match(key)
-        if m is None:
-            if "lora_embedding" in key:
-                raise EdgeLoraError(f"{folder}: LoRA on embeddings ({key}) is not supported yet")
-            if key.endswith(".base_layer.weight") or key.endswith("embed_tokens.weight"):
-                raise EdgeLoraError(
-                    f"{folder}: the adapter carries a full copy of a base weight ({key}, saved by PEFT's "
-                    "save_embedding_layers); that is not a low-rank delta and is not supported yet"
-                )
-            if "lora_magnitude" in key:
-                raise EdgeLoraError(f"{folder}: DoRA weights ({key}) are not supported yet")
+        m = _KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if m is not None:
+            pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+            continue
+        feature = merge_only_feature(key, config)
+        if feature is None:
             raise EdgeLoraError(f"{folder}: unexpected tensor {key} in the adapter weights")
-        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+        merge_only.setdefault(feature, key)
+    if merge_only and not merged:
+        feature, key = next(iter(sorted(merge_only.items())))
+        raise EdgeLoraError(
+            f"{folder}: {feature} is not a low-rank delta ({key}), so it cannot be a swappable slot; "
+            "export this adapter with --mode merged"
+        )
     modules = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -125,7 +146,8 @@ def ingest_peft(folder: str | Path) -> AdapterFactors:
         rank=max((f.rank for f in modules.values()), default=0),
         alpha=float(config["lora_alpha"]),
         source=str(folder),
-        extra={"base_model": config.get("base_model_name_or_path"), "use_rslora": bool(config.get("use_rslora"))},
+        extra={"base_model": config.get("base_model_name_or_path"), "use_rslora": bool(config.get("use_rslora")),
+               "merge_only": sorted(merge_only)},
     )
     factors.validate(str(folder))
     return factors

@@ -26,7 +26,8 @@ EXAMPLE_RANK = 2  # example sizes avoid 0 and 1, which torch.export would specia
 
 
 class SlotHooks(nn.Module):
-    """The base model with ``y += (x @ a) @ b`` after each slotted module, the factors taken as inputs.
+    """The base model with ``y += (x @ a) @ b`` after each slotted module, the factors taken as inputs
+    (on an embedding, ``x @ a`` is a lookup: the rows of ``a`` for the token ids).
 
     Forward hooks (instead of replacing modules) keep the model's own module tree and code
     untouched, so what is exported is exactly what PEFT wraps. Subclasses define ``forward``
@@ -52,9 +53,16 @@ class SlotHooks(nn.Module):
     def _delta_hook(self, name: str):
         def hook(module, args, output):
             a, b = self._factors[name]
+            if isinstance(module, nn.Embedding):  # x @ a for a one-hot x: the rows of a for the token ids
+                return output + torch.matmul(nn.functional.embedding(args[0], a), b) * embed_scale(module)
             return output + torch.matmul(torch.matmul(args[0], a), b)
 
         return hook
+
+
+def embed_scale(module: nn.Embedding):
+    """Gemma's embeddings multiply their output by √hidden; PEFT scales the LoRA delta by it too."""
+    return getattr(module, "embed_scale", 1.0)
 
 
 @contextmanager
@@ -73,19 +81,32 @@ def quiet_exporter():
             lg.setLevel(level)
 
 
+def slot_shape(module: nn.Module, name: str) -> tuple[int, int]:
+    """(in, out) of the delta a module takes: an embedding maps a token id (one of ``vocab``) to a row."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2 stores its weight as [in, out]
+        return tuple(module.weight.shape)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    raise EdgeLoraError(
+        f"module {name} is a {type(module).__name__}; only Linear, Conv1D and Embedding layers take LoRA slots"
+    )
+
+
 def slots_for(model: nn.Module, modules: list[str], dtype: str = "fp32") -> list[Slot]:
-    """Slots for the given module paths, which must be nn.Linear layers of the model."""
+    """Slots for the given module paths of the model."""
     slots = []
     for name in sorted(set(modules)):
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise EdgeLoraError(f"the base model has no module {name} targeted by an adapter") from None
-        if not isinstance(module, nn.Linear):
-            raise EdgeLoraError(f"module {name} is a {type(module).__name__}; only Linear layers take LoRA slots yet")
+        in_features, out_features = slot_shape(module, name)
         a, b = slot_inputs(name)
-        slots.append(Slot(name=name, a=a, b=b, in_features=module.in_features, out_features=module.out_features,
-                          dtype=dtype))
+        slots.append(Slot(name=name, a=a, b=b, in_features=in_features, out_features=out_features, dtype=dtype))
     return slots
 
 
