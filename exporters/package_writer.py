@@ -1,7 +1,7 @@
 """Writing packages: ``export`` (base graph + adapters) and ``add_adapter`` (a blob for an existing graph).
 
-Both build in a temporary place and rename at the end, so a failure or a kill leaves the
-previous package, or none, never half of one.
+Both build in a temporary folder and swap it in whole at the end (``fileio.atomic_dir``), so a
+failure or a kill leaves the previous package, or none, never half of one.
 """
 
 from __future__ import annotations
@@ -273,8 +273,10 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
         raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
-    entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                manifest.adapter_block_size, manifest.base_fingerprint)
-    manifest.adapters[name] = entry
-    manifest.save(package)
+    # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
+    with atomic_dir(package.resolve(), update=True) as tmp:
+        entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
+                                    manifest.adapter_block_size, manifest.base_fingerprint)
+        manifest.adapters[name] = entry
+        manifest.save(tmp)
     return entry
