@@ -44,7 +44,10 @@ def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str =
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(1)
-    params = adapter_parameters(factors, dtype, block)
+    try:
+        params = adapter_parameters(factors, dtype, block)
+    except EdgeLoraError as e:
+        raise EdgeLoraError(f"{factors.source}: {e}") from None
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     with atomic_path(path) as tmp:
         fmt.export_adapter(str(tmp))

@@ -40,13 +40,27 @@ def read_config(folder: Path) -> dict:
             raise EdgeLoraError(f"{path}: {label} is not supported yet (it is not a pure low-rank delta)")
     if config.get("bias", "none") != "none":
         raise EdgeLoraError(f"{path}: bias={config['bias']!r} is not supported yet; only bias='none'")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise EdgeLoraError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+    check_positive(config.get("r"), "r", path, integer=True)
+    check_positive(config.get("lora_alpha"), "lora_alpha", path)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
             raise EdgeLoraError(f"{path}: {key} must be a mapping")
+        for module, value in pattern.items():
+            check_positive(value, f"{key}[{module!r}]", path, integer)
+            try:
+                re.compile(rf"(.*\.)?({module})$")
+            except re.error as e:
+                raise EdgeLoraError(f"{path}: {key} key {module!r} is not a valid pattern ({e})") from None
     return config
+
+
+def check_positive(value, what: str, path: Path, integer: bool = False) -> None:
+    """Ranks and alphas scale every weight: a string, a bool, NaN, Inf or a sign flip would poison them all."""
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        kind = "an integer" if integer else "finite"
+        raise EdgeLoraError(f"{path}: {what} must be a positive number, {kind}, got {value!r}")
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -69,8 +83,12 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EdgeLoraError(f"{path}: cannot read the adapter weights ({first})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
         raise EdgeLoraError(f"{path}: expected a flat mapping of tensor names to tensors")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EdgeLoraError(f"{path}: tensor {key} is {tensor.dtype}, expected a float type")
     return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
 
 
