@@ -31,11 +31,15 @@ def slot_inputs(module: str) -> tuple[str, str]:
 
 
 def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> dict[str, np.ndarray]:
+    """The blob's parameters in a codec; an adapter the codec cannot hold is refused naming its source."""
     params = {}
-    for module, f in factors.modules.items():
-        a_name, b_name = slot_inputs(module)
-        params.update(codec.encode(a_name, f.a, dtype, block))
-        params.update(codec.encode(b_name, f.b, dtype, block))
+    try:
+        for module, f in factors.modules.items():
+            a_name, b_name = slot_inputs(module)
+            params.update(codec.encode(a_name, f.a, dtype, block))
+            params.update(codec.encode(b_name, f.b, dtype, block))
+    except EdgeLoraError as e:
+        raise EdgeLoraError(f"{factors.source}: {e}") from None
     return params
 
 
@@ -44,10 +48,7 @@ def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str =
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(1)
-    try:
-        params = adapter_parameters(factors, dtype, block)
-    except EdgeLoraError as e:
-        raise EdgeLoraError(f"{factors.source}: {e}") from None
+    params = adapter_parameters(factors, dtype, block)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     with atomic_path(path) as tmp:
         fmt.export_adapter(str(tmp))

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgelora.adapter_file import SUFFIX, write_adapter
+from edgelora.adapter_file import SUFFIX, adapter_parameters, write_adapter
 from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
@@ -166,6 +166,8 @@ def export_package(
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
         factors = {name: ingest_peft(path) for name, path in adapters.items()}
+        for f in factors.values() if not merged else ():
+            adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir)
         family = family_of(model)
