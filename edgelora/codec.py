@@ -75,7 +75,11 @@ def _in_range(tensor: str, x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
-    return np.maximum(absmax / qmax, _MIN_SCALE).astype(np.float16)
+    """fp16 scales rounded up, never down: below 2**-14 fp16 steps are coarse (2**-24), and a scale rounded
+    down would clip a column's largest values by several steps instead of erring by half of one."""
+    exact = np.maximum(absmax / qmax, _MIN_SCALE).astype(np.float32)
+    scale = exact.astype(np.float16)
+    return np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
 
 
 def _int4_round(blocks: np.ndarray, scale: np.ndarray) -> np.ndarray:
