@@ -99,7 +99,7 @@ def check_base_dir(base_dir: Path) -> None:
     if not (base_dir / "config.json").is_file():
         raise EdgeLoraError(f"{base_dir / 'config.json'}: missing; {base_dir} is not a Hugging Face model folder")
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code, nor ask to
     except Exception as e:
         raise EdgeLoraError(f"{base_dir / 'config.json'}: cannot be read ({str(e).splitlines()[0]})") from None
     archs = config.architectures or []
@@ -116,7 +116,7 @@ def load_base(base_dir: Path):
 
     hf_logging.disable_progress_bar()  # our own step line already says what is loading
     try:
-        return AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32", trust_remote_code=False).eval()
     except Exception as e:
         raise EdgeLoraError(f"{base_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
 

@@ -109,6 +109,25 @@ def pickle_bomb(ctx: Ctx):
     torch.save({QA: Payload()}, ctx.peft / "adapter_model.bin")
 
 
+def base_pickle_bomb(ctx: Ctx):
+    """A base folder whose weights are a legacy pytorch_model.bin that would run code when unpickled."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(ctx.marker), "w")
+
+    (ctx.base / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": Payload()}, ctx.base / "pytorch_model.bin")
+
+
+def base_remote_code(ctx: Ctx):
+    """A base folder that asks for its own Python code to be run (``auto_map``); it must never run, nor prompt."""
+    (ctx.base / "configuration_evil.py").write_text(f"open({str(ctx.marker)!r}, 'w')\n")
+    edit_json("{base}/config.json", lambda c: c.update(model_type="evil",
+                                                       auto_map={"AutoConfig": "configuration_evil.Evil"}))(ctx)
+
+
 def symlink_out(ctx: Ctx):
     blob = ctx.pkg / "adapters/plain.onnx_adapter"
     blob.unlink()
@@ -297,6 +316,8 @@ CASES = [
      "already exists (pass --overwrite", "{pkg}"),
     ("cli-base-missing", remove("{base}/config.json"), EXPORT, "config.json: missing", "{base}/config.json"),
     ("cli-base-config-corrupt", write("{base}/config.json", "{"), EXPORT, "cannot be read", "{base}/config.json"),
+    ("base-bin-pickle", base_pickle_bomb, EXPORT, "cannot load the model weights", "{base}"),
+    ("base-remote-code", base_remote_code, EXPORT, "contains custom code", "{base}/config.json"),
     ("cli-base-unsupported", edit_json("{base}/config.json", lambda c: c.update(architectures=["BertModel"])),
      EXPORT, "architecture ['BertModel'] is not supported yet", "{base}/config.json"),
 ]
