@@ -171,10 +171,14 @@ def export_package(
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir)
         family = family_of(model)
+        for name, f in factors.items():
+            try:
+                own = slots_for(model, list(f.modules))
+            except EdgeLoraError as e:
+                raise EdgeLoraError(f"adapter {name} ({f.source}): {e}") from None
+            check_fits(f, {s.name: s for s in own}, name)
         targets = [] if merged else [m for f in factors.values() for m in f.modules]
         slots = slots_for(model, targets, adapter_dtype)
-        for name, f in factors.items():
-            check_fits(f, {s.name: s for s in slots_for(model, list(f.modules))}, name)
         fingerprint = base_fingerprint(model)
     quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:

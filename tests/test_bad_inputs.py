@@ -233,6 +233,9 @@ CASES = [
      "maps 64->64 but the package's slot maps 32->32; is it for another base model?", "{peft}"),
     ("peft-no-slot", tensors(lambda w: w.update({k.replace(Q, "lm_head"): w.pop(k) for k in (QA, QB)})), ADD,
      "lm_head has no LoRA slot", "{peft}"),
+    ("peft-module-not-in-base", tensors(lambda w: w.update({k.replace("layers.0", "layers.9"): w.pop(k)
+                                                            for k in (QA, QB)})), EXPORT,
+     "the base model has no module model.layers.9.self_attn.q_proj", "{peft}"),
     ("peft-bin-pickle", pickle_bomb, ADD, "cannot read the adapter weights (Weights only load failed",
      "{peft}/adapter_model.bin"),
     ("peft-fp16-overflow", set_value(QB, 1e6), [*EXPORT, "--adapter-dtype", "fp16"],
