@@ -22,6 +22,7 @@ SIZES = {
     # hidden, intermediate, layers, heads, kv heads
     "tiny": (32, 64, 2, 4, 2),
     "small": (128, 344, 4, 4, 2),
+    "demo": (64, 256, 4, 4, 2),
 }
 
 
@@ -82,6 +83,47 @@ def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tin
     model.save_pretrained(out_dir)
     if with_tokenizer:
         save_char_tokenizer(out_dir)
+    return model
+
+
+ENCODER_CONFIGS = {"bert": "BertConfig", "roberta": "RobertaConfig", "distilbert": "DistilBertConfig"}
+ENCODER_HEADS = {"feature-extraction": "Model", "sequence-classification": "ForSequenceClassification"}
+ENCODER_PREFIXES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
+
+
+def build_encoder(out_dir: str | Path, family: str = "bert", task: str = "sequence-classification", seed: int = 0,
+                  labels: tuple[str, ...] = ("negative", "neutral", "positive"), initializer_range: float = 0.2):
+    """A random-weight BERT-family encoder folder (hidden 32, 2 layers) with the character tokenizer.
+
+    The default ``initializer_range`` is ten times the usual: at 0.02 a random classifier head squashes
+    every logit (and every adapter's effect on it) to near zero.
+    """
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    arch = ENCODER_PREFIXES[family] + ENCODER_HEADS[task]
+    hidden, inter, layers, heads, _ = SIZES["tiny"]
+    config = getattr(transformers, ENCODER_CONFIGS[family])(
+        vocab_size=len(SPECIALS) + len(CHARS),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        hidden_dim=inter,  # DistilBERT's name for the intermediate size
+        max_position_embeddings=128,
+        pad_token_id=0,
+        initializer_range=initializer_range,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        architectures=[arch],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    save_char_tokenizer(out_dir)
     return model
 
 
