@@ -192,7 +192,10 @@ def export_package(
             adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir, task)
-        family = exporter.family_of(model)
+        try:
+            family = exporter.family_of(model)
+        except EdgeLoraError as e:  # a config whose architectures and model_type disagree
+            raise EdgeLoraError(f"{base_dir / 'config.json'}: {e}") from None
         for name, f in factors.items():
             try:
                 own = slots_for(model, list(f.modules))

@@ -168,6 +168,9 @@ ADD = ["add-adapter", "{pkg}", "new={peft}"]
 GEN = ["generate", "{pkg}", "--adapter", "plain", "--prompt", "hi", "--max-new-tokens", "1"]
 INSPECT = ["inspect", "{pkg}"]
 EXPORT = ["export", "{base}", "--adapter", "new={peft}", "--out", "{tmp}/out"]
+TRAIN = ["train", "{base}", "--data", "{tmp}/data.jsonl", "--out", "{tmp}/trained", "--max-steps", "1", "--quiet"]
+DATA = "{tmp}/data.jsonl"
+GOOD_ROW = '{"prompt": "a", "completion": "b"}\n'
 
 
 def load_path_adapter(name: str | None = None):
@@ -295,6 +298,19 @@ CASES = [
     ("graph-truncated", truncate("{pkg}/model.onnx"), GEN, "onnxruntime cannot load the graph", "{pkg}/model.onnx"),
     ("tokenizer-corrupt", write("{pkg}/tokenizer.json", "{"), GEN, "cannot read the tokenizer",
      "{pkg}/tokenizer.json"),
+    # training data (JSONL, one {"prompt", "completion"} per line) and training options
+    ("train-data-missing", None, TRAIN, "missing; expected a JSONL file", DATA),
+    ("train-data-empty", write(DATA, ""), TRAIN, "no examples", DATA),
+    ("train-data-truncated", write(DATA, GOOD_ROW + '{"prompt": "a", "compl'), TRAIN, "not valid JSON", DATA + ":2"),
+    ("train-data-not-utf8", write(DATA, GOOD_ROW.encode() + b"\xff\xfe\n"), TRAIN, "not UTF-8 text", DATA + ":2"),
+    ("train-data-not-object", write(DATA, "[1, 2]\n"), TRAIN, "expected an object with string fields", DATA + ":1"),
+    ("train-data-wrong-type", write(DATA, '{"prompt": 1, "completion": "b"}\n'), TRAIN,
+     "expected an object with string fields", DATA + ":1"),
+    ("train-data-no-completion", write(DATA, '{"prompt": "a", "completion": ""}\n'), TRAIN,
+     "the completion is empty", DATA + ":1"),
+    ("train-alpha-nan", write(DATA, GOOD_ROW), [*TRAIN, "--alpha", "nan"], "must be a positive number", "--alpha"),
+    ("train-lr-negative", write(DATA, GOOD_ROW), [*TRAIN, "--lr", "-1"], "must be a positive number", "--lr"),
+    ("train-rank-zero", write(DATA, GOOD_ROW), [*TRAIN, "--rank", "0"], "must be at least 1", "--rank"),
     # CLI arguments
     ("cli-adapter-no-equals", None, ["export", "{base}", "--adapter", "new", "--out", "{tmp}/out"],
      "expected NAME=PEFT_DIR", "'new'"),
@@ -321,8 +337,10 @@ CASES = [
     ("cli-base-config-corrupt", write("{base}/config.json", "{"), EXPORT, "cannot be read", "{base}/config.json"),
     ("base-bin-pickle", base_pickle_bomb, EXPORT, "cannot load the model weights", "{base}"),
     ("base-remote-code", base_remote_code, EXPORT, "contains custom code", "{base}/config.json"),
-    ("cli-base-unsupported", edit_json("{base}/config.json", lambda c: c.update(architectures=["BertModel"])),
-     EXPORT, "architecture ['BertModel'] is not supported yet", "{base}/config.json"),
+    ("cli-base-unsupported", edit_json("{base}/config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"])),
+     EXPORT, "architecture ['GPT2LMHeadModel'] is not supported yet", "{base}/config.json"),
+    ("cli-base-mismatched", edit_json("{base}/config.json", lambda c: c.update(architectures=["BertModel"])),
+     EXPORT, "model class LlamaModel is not supported yet", "{base}/config.json"),
 ]
 
 
