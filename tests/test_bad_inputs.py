@@ -247,7 +247,7 @@ CASES = [
     ("blob-empty", write(BLOB, b""), GEN, "is 0 bytes, the manifest says", BLOB),
     ("blob-truncated", truncate(BLOB), GEN, "the manifest says", BLOB),
     ("blob-tampered", flip_byte(BLOB), GEN, "fails its sha256 check against the manifest", BLOB),
-    ("blob-missing", remove(BLOB), GEN, "is in the manifest but its file is missing", BLOB),
+    ("blob-missing", remove(BLOB), GEN, "file is missing", BLOB),
     # .onnx_adapter files loaded from a path (the runtime's API)
     ("path-blob-empty", write(XBLOB, b""), load_path_adapter(), "adapter file is empty", XBLOB),
     ("path-blob-garbage", write(XBLOB, GARBAGE), load_path_adapter(),
