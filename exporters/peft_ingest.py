@@ -92,16 +92,22 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
 
 
-def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[float, float]:
-    """(scale, alpha) of one module: alpha/r, or alpha/√r with rsLoRA, patterns resolved as PEFT does."""
+def pattern_value(pattern: dict | None, module: str, default):
+    """A module's entry in ``rank_pattern``/``alpha_pattern`` by PEFT's own matcher; PEFT is imported only when
+    there is a pattern to match (importing it costs seconds, most of an ``add-adapter``)."""
+    if not pattern:
+        return default
     from peft.utils.other import get_pattern_key
 
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    expected_r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    return pattern.get(get_pattern_key(pattern.keys(), module), default)
+
+
+def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[float, float]:
+    """(scale, alpha) of one module: alpha/r, or alpha/√r with rsLoRA, patterns resolved as PEFT does."""
+    expected_r = pattern_value(config.get("rank_pattern"), module, config["r"])
     if expected_r != rank:
         raise EdgeLoraError(f"{where}: module {module} has rank {rank} in the weights but {expected_r} in the config")
-    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return scale, alpha
 
