@@ -9,19 +9,46 @@ from pathlib import Path
 import click
 
 from .codec import DTYPES
-from .errors import EdgeLoraError
+from .errors import EXIT_BAD_INPUT, EdgeLoraError
 from .units import human_bytes
 
 
-class Group(click.Group):
-    """Every EdgeLoraError becomes one line on stderr and exit code 2, never a traceback."""
+# click >= 8.2 raises this usage error, whose message is the help text, for a bare group or command
+NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
-    def invoke(self, ctx):
+
+class Group(click.Group):
+    """Every bad input becomes one line on stderr and exit code 2, never a traceback.
+
+    That covers our own errors, click's usage errors (which would print the usage block too) and
+    the operating system's (a folder that cannot be written, a full disk), which name their file.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().invoke(ctx)
-        except EdgeLoraError as e:
-            click.echo(f"edgelora: error: {e}", err=True)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelp as e:  # a bare command prints its help, as click does
+            click.echo(e.format_message(), err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:
+            command = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            fail(f"{command}{e.format_message()}", e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        except EdgeLoraError as e:
+            fail(str(e), e.exit_code)
+        except OSError as e:
+            fail(EdgeLoraError(f"{e.filename}: {e.strerror}" if e.filename else str(e)), EXIT_BAD_INPUT)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def fail(message, code: int):
+    click.echo(f"edgelora: error: {message}", err=True)
+    sys.exit(code)
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Writing packages: ``export`` (base graph + adapters) and ``add_adapter`` (a blob for an existing graph).
 
-Both build in a temporary place and rename at the end, so a failure or a kill leaves the
-previous package, or none, never half of one.
+Both build in a temporary folder and swap it in whole at the end (``fileio.atomic_dir``), so a
+failure or a kill leaves the previous package, or none, never half of one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgelora.adapter_file import SUFFIX, write_adapter
+from edgelora.adapter_file import SUFFIX, adapter_parameters, write_adapter
 from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
@@ -107,7 +107,7 @@ def check_base_dir(base_dir: Path) -> str:
     if not (base_dir / "config.json").is_file():
         raise EdgeLoraError(f"{base_dir / 'config.json'}: missing; {base_dir} is not a Hugging Face model folder")
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code, nor ask to
     except Exception as e:
         raise EdgeLoraError(f"{base_dir / 'config.json'}: cannot be read ({str(e).splitlines()[0]})") from None
     archs = config.architectures or []
@@ -128,7 +128,8 @@ def load_base(base_dir: Path, task: str = "causal-lm"):
 
     hf_logging.disable_progress_bar()  # our own step line already says what is loading
     try:
-        return getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base_dir, dtype="float32").eval()
+        return getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base_dir, dtype="float32",
+                                                                           trust_remote_code=False).eval()
     except Exception as e:
         raise EdgeLoraError(f"{base_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
 
@@ -187,13 +188,22 @@ def export_package(
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
         factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
+        for f in factors.values() if not merged else ():
+            adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir, task)
-        family = exporter.family_of(model)
+        try:
+            family = exporter.family_of(model)
+        except EdgeLoraError as e:  # a config whose architectures and model_type disagree
+            raise EdgeLoraError(f"{base_dir / 'config.json'}: {e}") from None
+        for name, f in factors.items():
+            try:
+                own = slots_for(model, list(f.modules))
+            except EdgeLoraError as e:
+                raise EdgeLoraError(f"adapter {name} ({f.source}): {e}") from None
+            check_fits(f, {s.name: s for s in own}, name)
         targets = [] if merged else [m for f in factors.values() for m in f.modules]
         slots = slots_for(model, targets, adapter_dtype)
-        for name, f in factors.items():
-            check_fits(f, {s.name: s for s in slots_for(model, list(f.modules))}, name)
         fingerprint = base_fingerprint(model)
     quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -305,8 +315,10 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
         raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
-    entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                manifest.adapter_block_size, manifest.base_fingerprint)
-    manifest.adapters[name] = entry
-    manifest.save(package)
+    # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
+    with atomic_dir(package.resolve(), update=True) as tmp:
+        entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
+                                    manifest.adapter_block_size, manifest.base_fingerprint)
+        manifest.adapters[name] = entry
+        manifest.save(tmp)
     return entry

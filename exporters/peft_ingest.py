@@ -40,12 +40,18 @@ def read_config(folder: Path) -> dict:
         raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
     if config.get("trainable_token_indices"):
         raise EdgeLoraError(f"{path}: trainable_token_indices is not supported yet (it is not a pure low-rank delta)")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise EdgeLoraError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+    check_positive(config.get("r"), "r", path, integer=True)
+    check_positive(config.get("lora_alpha"), "lora_alpha", path)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
             raise EdgeLoraError(f"{path}: {key} must be a mapping")
+        for module, value in pattern.items():
+            check_positive(value, f"{key}[{module!r}]", path, integer)
+            try:
+                re.compile(rf"(.*\.)?({module})$")
+            except re.error as e:
+                raise EdgeLoraError(f"{path}: {key} key {module!r} is not a valid pattern ({e})") from None
     return config
 
 
@@ -60,6 +66,14 @@ def merge_only_feature(key: str, config: dict) -> str | None:
     if key.endswith(".bias") and config.get("bias", "none") != "none":
         return f"bias={config['bias']!r}"
     return None
+
+
+def check_positive(value, what: str, path: Path, integer: bool = False) -> None:
+    """Ranks and alphas scale every weight: a string, a bool, NaN, Inf or a sign flip would poison them all."""
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        kind = "an integer" if integer else "finite"
+        raise EdgeLoraError(f"{path}: {what} must be a positive number, {kind}, got {value!r}")
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -82,21 +96,31 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EdgeLoraError(f"{path}: cannot read the adapter weights ({first})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
         raise EdgeLoraError(f"{path}: expected a flat mapping of tensor names to tensors")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EdgeLoraError(f"{path}: tensor {key} is {tensor.dtype}, expected a float type")
     return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def pattern_value(pattern: dict | None, module: str, default):
+    """A module's entry in ``rank_pattern``/``alpha_pattern`` by PEFT's own matcher; PEFT is imported only when
+    there is a pattern to match (importing it costs seconds, most of an ``add-adapter``)."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 
 def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[float, float]:
     """(scale, alpha) of one module: alpha/r, or alpha/√r with rsLoRA, patterns resolved as PEFT does."""
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    expected_r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    expected_r = pattern_value(config.get("rank_pattern"), module, config["r"])
     if expected_r != rank:
         raise EdgeLoraError(f"{where}: module {module} has rank {rank} in the weights but {expected_r} in the config")
-    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return scale, alpha
 

@@ -69,7 +69,7 @@ def load_tokenizer(base_dir: Path):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     except Exception as e:
         raise EdgeLoraError(f"{base_dir}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     if tokenizer.eos_token_id is None:
@@ -210,6 +210,9 @@ def train_adapter(base_dir: str | Path, data: str | Path, out: str | Path, rank:
             raise EdgeLoraError(f"{name} {value}: must be at least 1")
     if max_steps is not None and max_steps < 1:
         raise EdgeLoraError(f"--max-steps {max_steps}: must be at least 1")
+    for name, value in (("--alpha", alpha), ("--lr", lr)):
+        if not math.isfinite(value) or value <= 0:
+            raise EdgeLoraError(f"{name} {value}: must be a positive number")
     if out.exists() and not overwrite:
         raise EdgeLoraError(f"{out}: already exists (pass --overwrite to replace it)")
     examples = read_examples(data)

@@ -100,6 +100,9 @@ class EdgeModel(EncoderTasks):
         manifest = load_manifest(package)
         if manifest.task not in TASK_METHODS:
             raise EdgeLoraError(f"{package}: task {manifest.task!r} is not supported by this runtime")
+        _check_graph_info(package, manifest)
+        if adapter_memory_mb is not None and not adapter_memory_mb > 0:
+            raise EdgeLoraError(f"adapter_memory_mb must be a positive number, got {adapter_memory_mb!r}")
         graph_path = package / manifest.graph["file"]
         options = ort.SessionOptions()
         options.log_severity_level = 3  # slot defaults are overridable initializers; ORT warns about each
@@ -117,7 +120,11 @@ class EdgeModel(EncoderTasks):
         if manifest.tokenizer:
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
+            try:
+                tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
+            except Exception as e:  # tokenizers raises bare Exceptions
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise EdgeLoraError(f"{package / manifest.tokenizer}: cannot read the tokenizer ({first})") from None
             if manifest.task != "causal-lm":
                 pad_batches(tokenizer, manifest)
         return cls(package, manifest, session, registry, tokenizer, options)
@@ -211,11 +218,17 @@ class EdgeModel(EncoderTasks):
 
         ``adapter`` is a name, ``{name: weight}`` (strength, or a composition of several), or None."""
         self._require_task("logits", "causal-lm")
-        ids = np.asarray(input_ids, dtype=np.int64)
+        try:
+            ids = np.asarray(input_ids, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise EdgeLoraError(f"input_ids must be integer token ids, got {str(input_ids)[:60]!r}") from None
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise EdgeLoraError(f"input_ids must be [seq] or [batch, seq] with seq > 0, got shape {ids.shape}")
+        vocab = self.manifest.graph["vocab_size"]
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise EdgeLoraError(f"input_ids must be token ids in [0, {vocab}), got {ids.min()}..{ids.max()}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         logits, _ = self._forward(self._bind(adapter), ids, mask, positions, self._empty_past(ids.shape[0]))
@@ -335,6 +348,22 @@ class EdgeModel(EncoderTasks):
         for _ in text_stream:
             pass
         return text_stream.result
+
+
+def _check_graph_info(package: Path, manifest) -> None:
+    """What the runtime reads from the manifest's graph and generation info, checked before it is used."""
+    where = package / "edgelora.json"
+    keys = ("num_layers", "num_kv_heads", "head_dim") if manifest.task == "causal-lm" else ("num_layers", "max_length")
+    for key in (*keys, "vocab_size"):
+        value = manifest.graph.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise EdgeLoraError(f"{where}: graph.{key} must be a positive integer, got {value!r}")
+    outputs = manifest.graph.get("outputs")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+        raise EdgeLoraError(f"{where}: graph.outputs must be a non-empty list of names")
+    eos = manifest.generation.get("eos_token_ids") or []
+    if not isinstance(eos, list) or not all(isinstance(t, int) for t in eos):
+        raise EdgeLoraError(f"{where}: generation.eos_token_ids must be a list of token ids")
 
 
 def _session(graph_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
