@@ -31,11 +31,15 @@ def slot_inputs(module: str) -> tuple[str, str]:
 
 
 def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> dict[str, np.ndarray]:
+    """The blob's parameters in a codec; an adapter the codec cannot hold is refused naming its source."""
     params = {}
-    for module, f in factors.modules.items():
-        a_name, b_name = slot_inputs(module)
-        params.update(codec.encode(a_name, f.a, dtype, block))
-        params.update(codec.encode(b_name, f.b, dtype, block))
+    try:
+        for module, f in factors.modules.items():
+            a_name, b_name = slot_inputs(module)
+            params.update(codec.encode(a_name, f.a, dtype, block))
+            params.update(codec.encode(b_name, f.b, dtype, block))
+    except EdgeLoraError as e:
+        raise EdgeLoraError(f"{factors.source}: {e}") from None
     return params
 
 

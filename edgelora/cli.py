@@ -9,19 +9,46 @@ from pathlib import Path
 import click
 
 from .codec import DTYPES
-from .errors import EdgeLoraError
+from .errors import EXIT_BAD_INPUT, EdgeLoraError
 from .units import human_bytes
 
 
-class Group(click.Group):
-    """Every EdgeLoraError becomes one line on stderr and exit code 2, never a traceback."""
+# click >= 8.2 raises this usage error, whose message is the help text, for a bare group or command
+NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
-    def invoke(self, ctx):
+
+class Group(click.Group):
+    """Every bad input becomes one line on stderr and exit code 2, never a traceback.
+
+    That covers our own errors, click's usage errors (which would print the usage block too) and
+    the operating system's (a folder that cannot be written, a full disk), which name their file.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().invoke(ctx)
-        except EdgeLoraError as e:
-            click.echo(f"edgelora: error: {e}", err=True)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelp as e:  # a bare command prints its help, as click does
+            click.echo(e.format_message(), err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:
+            command = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            fail(f"{command}{e.format_message()}", e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        except EdgeLoraError as e:
+            fail(str(e), e.exit_code)
+        except OSError as e:
+            fail(EdgeLoraError(f"{e.filename}: {e.strerror}" if e.filename else str(e)), EXIT_BAD_INPUT)
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def fail(message, code: int):
+    click.echo(f"edgelora: error: {message}", err=True)
+    sys.exit(code)
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, str]:
@@ -75,7 +102,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, overwrite, quiet):
-    """Export BASE_DIR (a Hugging Face causal LM folder) with one LoRA slot per targeted module."""
+    """Export BASE_DIR (a Hugging Face causal LM or BERT-family encoder) with one LoRA slot per targeted module."""
     from .exporters.package_writer import export_package
 
     specs = dict(parse_adapter_spec(s) for s in adapters)
@@ -163,6 +190,37 @@ def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, help="A text to classify; repeat for a batch.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
+def classify(package, texts, adapters):
+    """Classify each --text with a sequence-classification PACKAGE: label, probability and text per line."""
+    from .runtime import EdgeModel
+
+    result = EdgeModel.open(package).classify(list(texts), adapter=parse_generate_adapters(adapters))
+    for text, label, probabilities in zip(texts, result.labels, result.probabilities):
+        click.echo(f"{label}\t{probabilities.max():.4f}\t{text}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, help="A text to embed; repeat for a batch.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
+@click.option("--normalize", is_flag=True, help="Scale each embedding to unit length.")
+def embed(package, texts, adapters, normalize):
+    """Embed each --text with a feature-extraction PACKAGE: one JSON array (mean-pooled embedding) per line."""
+    import json
+
+    from .runtime import EdgeModel
+
+    model = EdgeModel.open(package)
+    for vector in model.embed(list(texts), adapter=parse_generate_adapters(adapters), normalize=normalize):
+        click.echo(json.dumps([float(x) for x in vector]))
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
 @click.option("--budget", "budget_file", required=True, type=click.Path(path_type=Path),
               help="TOML file of size, latency, relative and quality budgets (see README).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
@@ -186,13 +244,92 @@ def check(package, budget_file, as_json, junit, baseline, save_baseline):
 
 
 @main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME[:WEIGHT]",
+              help="Adapter (or NAME:WEIGHT) to measure beside the base; repeatable (default: every adapter).")
+@click.option("--runs", default=5, show_default=True, help="Measured runs per target, after one warm-up.")
+@click.option("--prompt-tokens", default=32, show_default=True)
+@click.option("--decode-tokens", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
+    """Measure PACKAGE on this machine: prefill and decode per adapter against the base, swap and load costs."""
+    import json
+    from dataclasses import asdict
+
+    from .budget import LatencySettings
+    from .measure import compare, cold_load_ms, hot_swap_us, peak_rss_bytes
+    from .runtime import EdgeModel
+
+    model = EdgeModel.open(package)
+    targets = [None] + [parse_generate_adapters((spec,)) for spec in adapters or model.adapters]
+    if runs < 1:
+        raise EdgeLoraError(f"--runs {runs}: need at least 1")
+    settings = LatencySettings(runs=runs, warmup=1, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
+    rows = compare(model, targets, settings)
+    resident = [n for n in model.adapters if n in model.stats()["resident"]]
+    extra = {}
+    if resident and model.manifest.mode != "merged":
+        extra = {"hot_swap_us": hot_swap_us(model, resident), "cold_load_ms": cold_load_ms(model, resident[0], runs)}
+    extra["peak_rss"] = peak_rss_bytes()
+    if as_json:
+        click.echo(json.dumps({"targets": rows, **extra, "settings": asdict(settings)}, indent=2))
+        return
+    base = rows["(base)"]["decode_ms_per_token"]
+    click.echo(f"{'target':<24} {'prefill ms':>10} {'decode ms/token':>15} {'vs base':>8}")
+    for label, r in rows.items():
+        overhead = "-" if label == "(base)" else f"{r['decode_ms_per_token'] / base - 1:+.1%}"
+        click.echo(f"{label:<24} {r['prefill_ms']:>10.2f} {r['decode_ms_per_token']:>15.3f} {overhead:>8}")
+    if "hot_swap_us" in extra:
+        click.echo(f"hot swap {extra['hot_swap_us']:.1f} µs, cold load of {resident[0]} {extra['cold_load_ms']:.2f} ms")
+    click.echo(f"peak RSS {human_bytes(extra['peak_rss'])}; {prompt_tokens}-token prompt, {decode_tokens} new "
+               f"tokens, median of {runs} interleaved runs")
+
+
+@main.command()
+@click.argument("base_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help='JSONL training data, one {"prompt": ..., "completion": ...} per line.')
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PEFT adapter folder to write.")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="Comma-separated module names (q_proj,v_proj), or all-linear.")
+@click.option("--epochs", default=1, show_default=True, help="Passes over --data (unless --max-steps).")
+@click.option("--max-steps", default=None, type=int, help="Optimizer steps; overrides --epochs.")
+@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (linear warmup and decay).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Same seed, data and settings: the same adapter.")
+@click.option("--eval-data", type=click.Path(path_type=Path),
+              help="Held-out JSONL: report its loss and greedy exact-match accuracy at the end.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(base_dir, data, out, rank, alpha, targets, epochs, max_steps, lr, batch_size, seed, eval_data, overwrite,
+          quiet):
+    """Train a PEFT LoRA adapter for BASE_DIR on prompt/completion pairs (loss on the completion only)."""
+    from .exporters.train import train_adapter
+
+    r = train_adapter(base_dir, data, out, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
+                      max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed, eval_data=eval_data,
+                      overwrite=overwrite, progress=not quiet)
+    click.echo(f"wrote {out}: {r.steps} steps in {r.seconds:.1f}s, final train loss {r.train_loss:.4f}")
+    if r.eval_loss is not None:
+        click.echo(f"eval {eval_data}: loss {r.eval_loss:.4f}, exact match {r.exact_match:.1%}")
+
+
+@main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
-              help="Working folder for the demo's base model, adapters and package.")
-def demo(out):
-    """Build a small base and adapters, export them, and run the runtime swapping adapters per request."""
+              help="Working folder for the tenants' data and the package.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where trained tenant adapters are kept and reused  [default: ~/.cache/edgelora/demo]")
+@click.option("--no-cache", is_flag=True, help="Train every tenant adapter again.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="Base weight quantization of the package (its adapters are int8).")
+@click.option("--quick", is_flag=True, help="A few training steps on small sets: checks the pipeline, not the skills.")
+def demo(out, cache_dir, no_cache, quantize, quick):
+    """Train tenant adapters on the shipped base, export one package, and serve the tenants per request."""
     from .exporters.demo import run_demo
 
-    run_demo(out)
+    run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick)
 
 
 if __name__ == "__main__":

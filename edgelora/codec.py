@@ -24,6 +24,8 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (32, 64)
 _SUFFIXES = {"fp32": ("",), "fp16": (".fp16",), "int8": (".int8", ".scale"), "int4": (".int4", ".scale")}
 _MIN_SCALE = np.float32(2.0**-24)  # keeps fp16 scales from rounding to zero on near-zero factors
+_FP16_MAX = float(np.finfo(np.float16).max)
+_LIMITS = {"fp16": _FP16_MAX, "int8": 127 * _FP16_MAX, "int4": 7 * _FP16_MAX}  # largest value whose scale fits
 
 
 def check_dtype(dtype: str) -> str:
@@ -63,8 +65,21 @@ def int4_block(k: int, block: int) -> int:
     return block
 
 
+def _in_range(tensor: str, x: np.ndarray, dtype: str) -> np.ndarray:
+    """Values and scales are stored as fp16: past its range they would become Inf, and every answer NaN."""
+    peak = float(np.abs(x).max(initial=0))
+    if peak > _LIMITS[dtype]:
+        raise EdgeLoraError(f"{tensor}: values up to {peak:.3g} do not fit the {dtype} codec (fp16 range); "
+                            "use --adapter-dtype fp32")
+    return x
+
+
 def _scales(absmax: np.ndarray, qmax: int) -> np.ndarray:
-    return np.maximum(absmax / qmax, _MIN_SCALE).astype(np.float16)
+    """fp16 scales rounded up, never down: below 2**-14 fp16 steps are coarse (2**-24), and a scale rounded
+    down would clip a column's largest values by several steps instead of erring by half of one."""
+    exact = np.maximum(absmax / qmax, _MIN_SCALE).astype(np.float32)
+    scale = exact.astype(np.float16)
+    return np.where(scale.astype(np.float32) < exact, np.nextafter(scale, np.float16(np.inf)), scale)
 
 
 def _int4_round(blocks: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -97,15 +112,15 @@ def encode(tensor: str, x: np.ndarray, dtype: str, block: int = 32) -> dict[str,
     if dtype == "fp32":
         return {names[0]: np.ascontiguousarray(x)}
     if dtype == "fp16":
-        return {names[0]: x.astype(np.float16)}
+        return {names[0]: _in_range(tensor, x, dtype).astype(np.float16)}
     if dtype == "int8":
-        scale = _scales(np.abs(x).max(axis=0), 127)
+        scale = _scales(np.abs(_in_range(tensor, x, dtype)).max(axis=0), 127)
         q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
         return {names[0]: q, names[1]: scale}
     k, n = x.shape
     bs = int4_block(k, block)
     blocks = x.reshape(k // bs, bs, n)
-    scale = _int4_scales(blocks)  # [K/bs, N]
+    scale = _int4_scales(_in_range(tensor, blocks, dtype))  # [K/bs, N]
     q = _int4_round(blocks, scale) + 8
     q = q.reshape(k, n).astype(np.uint8)
     packed = q[0::2] | (q[1::2] << 4)

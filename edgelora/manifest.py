@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin, get_type_hints
 
 from . import __version__
 from .errors import EdgeLoraError
@@ -72,26 +74,73 @@ class Manifest:
 
 
 def load_manifest(package: str | os.PathLike) -> Manifest:
+    """The manifest, every field checked against its type and every path in it kept inside the package."""
     path = Path(package) / FILENAME
     if not Path(package).is_dir():
         raise EdgeLoraError(f"{package}: not a package directory")
     raw = read_json_object(path, f"missing; is {package} an edgelora package?")
     version = raw.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise EdgeLoraError(f"{path}: format_version is missing or not an integer")
     if version > FORMAT_VERSION:
         raise EdgeLoraError(
             f"{path}: format version {version} is newer than this edgelora reads ({FORMAT_VERSION}); upgrade edgelora"
         )
-    try:
-        slots = [Slot(**s) for s in raw.pop("slots")]
-        adapters = {check_name(k): AdapterEntry(**v) for k, v in raw.pop("adapters", {}).items()}
-        manifest = Manifest(slots=slots, adapters=adapters, **raw)
-    except EdgeLoraError as e:
-        raise EdgeLoraError(f"{path}: {e}") from None
-    except (KeyError, TypeError) as e:
-        raise EdgeLoraError(f"{path}: malformed manifest ({e})") from None
-    for name, entry in manifest.adapters.items():
-        if Path(entry.file).is_absolute() or ".." in Path(entry.file).parts:
-            raise EdgeLoraError(f"{path}: adapter {name} points outside the package ({entry.file})")
+    manifest = _typed(Manifest, raw, f"{path}: ")
+    for name in manifest.adapters:
+        try:
+            check_name(name)
+        except EdgeLoraError as e:
+            raise EdgeLoraError(f"{path}: {e}") from None
+    if not isinstance(manifest.graph.get("file"), str):
+        raise EdgeLoraError(f"{path}: graph.file is missing or not a string")
+    files = [("graph", manifest.graph["file"]), ("tokenizer", manifest.tokenizer)]
+    files += [(f"adapter {name}", entry.file) for name, entry in manifest.adapters.items()]
+    for what, file in files:
+        if file is not None and not inside(Path(package), file):
+            raise EdgeLoraError(f"{path}: {what} points outside the package ({file})")
     return manifest
+
+
+def inside(package: Path, file: str) -> bool:
+    """A relative path that stays in the package, symlinks resolved: no manifest can make us read elsewhere."""
+    if not file or "\0" in file or Path(file).is_absolute() or ".." in Path(file).parts:
+        return False
+    return (package / file).resolve().is_relative_to(package.resolve())
+
+
+def _typed(cls, raw, where: str):
+    """A dataclass from JSON with every field checked against its annotation, so bad types fail here, by name."""
+    if not isinstance(raw, dict):
+        raise EdgeLoraError(f"{where.rstrip(': .')}: expected a JSON object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise EdgeLoraError(f"{where}{unknown[0]}: unknown field")
+    for f in known.values():
+        if f.name not in raw and f.default is MISSING and f.default_factory is MISSING:
+            raise EdgeLoraError(f"{where}{f.name}: missing field")
+    hints = get_type_hints(cls)
+    return cls(**{key: _value(hints[key], value, f"{where}{key}") for key, value in raw.items()})
+
+
+def _value(hint, value, where: str):
+    origin, args = get_origin(hint), get_args(hint)
+    if is_dataclass(hint):
+        return _typed(hint, value, where + ".")
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _value(next(a for a in args if a is not type(None)), value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise EdgeLoraError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise EdgeLoraError(f"{where}: expected an object, got {type(value).__name__}")
+        return {k: _value(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
+    accepted = (int, float) if hint is float else hint
+    if not isinstance(value, accepted) or isinstance(value, bool) and hint is not bool:
+        raise EdgeLoraError(f"{where}: expected {hint.__name__}, got {value!r}"[:200])
+    return float(value) if hint is float else value

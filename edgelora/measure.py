@@ -59,6 +59,32 @@ def latency(model, adapter: str | None, settings: LatencySettings) -> dict[str, 
     return metrics
 
 
+def compare(model, targets: list, settings: LatencySettings) -> dict:
+    """Prefill and decode medians per target (None = the base), runs interleaved across targets.
+
+    Interleaving puts every target under the same machine load, so the ratios between them hold
+    even when absolute times drift between minutes, as they do on shared machines.
+    """
+    prompt = _random_ids(model, settings.prompt_tokens, seed=0)
+    runs: dict = {label: [] for label in map(_label, targets)}
+    for i in range(settings.warmup + settings.runs):
+        for target in targets:
+            r = model.generate(prompt, adapter=target, max_new_tokens=settings.decode_tokens, ignore_eos=True)
+            if i >= settings.warmup:
+                runs[_label(target)].append(r)
+    return {label: {"prefill_ms": float(np.median([r.prefill_ms for r in rs])),
+                    "decode_ms_per_token": float(np.median([r.decode_ms_per_token for r in rs]))}
+            for label, rs in runs.items()}
+
+
+def _label(target) -> str:
+    if target is None:
+        return "(base)"
+    if isinstance(target, str):
+        return target
+    return "+".join(f"{n}:{w:g}" for n, w in target.items())
+
+
 def cold_load_ms(model, adapter: str, runs: int) -> float:
     """Median ms to make a non-resident adapter resident (checksum, shape checks, onnxruntime load).
 
@@ -99,6 +125,10 @@ def greedy_agreement(model, name: str) -> float:
     has both, measures it on a probe batch and records it in the manifest; the check gates on it.
     """
     quality = model.manifest.quality.get(name)
+    if quality and "min_cosine" in quality:
+        raise EdgeLoraError(f"{model.package}: quality.min_greedy_agreement does not apply to a "
+                            f"{model.manifest.task} package (its export measured the embeddings' cosine, "
+                            f"{quality['min_cosine']:.6f}, for adapter {name}); see `edgelora inspect`")
     if not quality or "top1_agreement" not in quality:
         raise EdgeLoraError(f"{model.package}: adapter {name} has no quality report in the manifest; re-export it")
     return float(quality["top1_agreement"])

@@ -1,7 +1,7 @@
 """Writing packages: ``export`` (base graph + adapters) and ``add_adapter`` (a blob for an existing graph).
 
-Both build in a temporary place and rename at the end, so a failure or a kill leaves the
-previous package, or none, never half of one.
+Both build in a temporary folder and swap it in whole at the end (``fileio.atomic_dir``), so a
+failure or a kill leaves the previous package, or none, never half of one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgelora.adapter_file import SUFFIX, write_adapter
+from edgelora.adapter_file import SUFFIX, adapter_parameters, write_adapter
 from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
@@ -90,35 +90,55 @@ def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, sourc
     )
 
 
-def check_base_dir(base_dir: Path) -> None:
-    """Refuse a wrong base folder before minutes of work start, from its config alone."""
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+}
+
+
+def check_base_dir(base_dir: Path) -> str:
+    """Refuse a wrong base folder before minutes of work start, from its config alone; returns its task."""
     from transformers import AutoConfig
 
     from .causal_lm import FAMILIES
+    from .encoder import ARCHITECTURES
 
     if not (base_dir / "config.json").is_file():
         raise EdgeLoraError(f"{base_dir / 'config.json'}: missing; {base_dir} is not a Hugging Face model folder")
     try:
-        config = AutoConfig.from_pretrained(base_dir)
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code, nor ask to
     except Exception as e:
         raise EdgeLoraError(f"{base_dir / 'config.json'}: cannot be read ({str(e).splitlines()[0]})") from None
     archs = config.architectures or []
-    if not any(a in FAMILIES for a in archs):
-        raise EdgeLoraError(
-            f"{base_dir / 'config.json'}: architecture {archs or config.model_type} is not supported yet; "
-            f"supported: {', '.join(sorted(FAMILIES))}"
-        )
+    for arch in archs:
+        if arch in FAMILIES:
+            return "causal-lm"
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch][1]
+    raise EdgeLoraError(
+        f"{base_dir / 'config.json'}: architecture {archs or config.model_type} is not supported yet; "
+        f"supported: {', '.join(sorted([*FAMILIES, *ARCHITECTURES]))}"
+    )
 
 
-def load_base(base_dir: Path):
-    from transformers import AutoModelForCausalLM
+def load_base(base_dir: Path, task: str = "causal-lm"):
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own step line already says what is loading
     try:
-        return AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32").eval()
+        return getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base_dir, dtype="float32",
+                                                                           trust_remote_code=False).eval()
     except Exception as e:
         raise EdgeLoraError(f"{base_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+
+
+def graph_exporter(task: str):
+    """The module that exports a task's graph: ``family_of(model)`` and ``export_graph(model, slots, path, ...)``."""
+    from . import causal_lm, encoder
+
+    return causal_lm if task == "causal-lm" else encoder
 
 
 def generation_info(base_dir: Path, config) -> dict:
@@ -148,8 +168,9 @@ def export_package(
     mode: str = "separate",
 ) -> Manifest:
     """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in."""
-    from .causal_lm import export_graph, family_of, slots_for
     from .merge import merged_copy
+    from .shared_weights import share_base_tensors
+    from .slots import slots_for
 
     base_dir, out = Path(base_dir), Path(out)
     check_dtype(adapter_dtype)
@@ -159,32 +180,44 @@ def export_package(
         raise EdgeLoraError(f"--mode {mode!r}: use separate or merged")
     for name in adapters:
         check_name(name)
-    check_base_dir(base_dir)
+    task = check_base_dir(base_dir)
+    exporter = graph_exporter(task)
     if out.exists() and not overwrite:
         raise EdgeLoraError(f"{out}: already exists (pass --overwrite to replace it)")
     merged = mode == "merged"
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
-        factors = {name: ingest_peft(path) for name, path in adapters.items()}
+        factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
+        for f in factors.values() if not merged else ():
+            adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
     with steps.step(f"loading base model {base_dir}"):
-        model = load_base(base_dir)
-        family = family_of(model)
+        model = load_base(base_dir, task)
+        try:
+            family = exporter.family_of(model)
+        except EdgeLoraError as e:  # a config whose architectures and model_type disagree
+            raise EdgeLoraError(f"{base_dir / 'config.json'}: {e}") from None
+        for name, f in factors.items():
+            try:
+                own = slots_for(model, list(f.modules))
+            except EdgeLoraError as e:
+                raise EdgeLoraError(f"adapter {name} ({f.source}): {e}") from None
+            check_fits(f, {s.name: s for s in own}, name)
         targets = [] if merged else [m for f in factors.values() for m in f.modules]
         slots = slots_for(model, targets, adapter_dtype)
-        for name, f in factors.items():
-            check_fits(f, {s.name: s for s in slots_for(model, list(f.modules))}, name)
         fingerprint = base_fingerprint(model)
     quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
-            graph = export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize, accuracy_level)
+            graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize,
+                                          accuracy_level)
         entries = {}
         if merged:
             for name, f in factors.items():
                 path = tmp / "merged" / name / "model.onnx"
                 with steps.step(f"exporting merged graph {name}{quant}"):
-                    export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
+                    exporter.export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
                                  accuracy_level)
+                    share_base_tensors(path, tmp / "model.onnx")
                 entries[name] = AdapterEntry(
                     file=str(path.relative_to(tmp)), sha256=sha256_file(path), bytes=graph_bytes(path),
                     rank=f.rank, alpha=f.alpha, dtype="merged", source=str(adapters[name]),
@@ -204,7 +237,7 @@ def export_package(
             manifest = Manifest(
                 family=family,
                 architecture=type(model).__name__,
-                task="causal-lm",
+                task=task,
                 base_fingerprint=fingerprint,
                 graph=graph,
                 slots=slots,
@@ -225,7 +258,9 @@ def export_package(
     if progress:
         for name, q in manifest.quality.items():
             err = "" if q["delta_rel_error"] is None else f"delta rel. error {q['delta_rel_error']:.2e}, "
-            print(f"  {name or '(base)'}: {err}top-1 agreement {q['top1_agreement']:.1%}", file=sys.stderr)
+            agree = (f"top-1 agreement {q['top1_agreement']:.1%}" if "top1_agreement" in q
+                     else f"min. embedding cosine {q['min_cosine']:.6f}")
+            print(f"  {name or '(base)'}: {err}{agree}", file=sys.stderr)
         print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
     return manifest
 
@@ -234,20 +269,27 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
     """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
     from edgelora.runtime import EdgeModel
 
-    from .merge import merged_copy
-    from .quality import delta_error, probe_ids, top1_agreement, torch_logits
+    from .merge import with_adapter
+    from .quality import agreement, delta_error, probe_ids, torch_logits
 
     runtime = EdgeModel.open(package)
     ids = probe_ids(manifest.graph["vocab_size"])
+    task, output = manifest.task, manifest.graph["outputs"][0]
+
+    def package_output(adapter):
+        if task == "causal-lm":
+            return runtime.logits(ids, adapter=adapter)
+        return runtime.encoder_output(ids, adapter=adapter)
+
     report = {"": {"dtype": manifest.base_quantization, "delta_rel_error": None,
-                   "top1_agreement": top1_agreement(torch_logits(model, ids), runtime.logits(ids))}}
+                   **agreement(task, torch_logits(model, ids, output), package_output(None))}}
     for name, f in factors.items():
         entry = manifest.adapters[name]
-        reference = torch_logits(merged_copy(model, f, name), ids)
+        reference = torch_logits(with_adapter(model, f), ids, output)
         report[name] = {
             "dtype": entry.dtype,
             "delta_rel_error": None if manifest.mode == "merged" else delta_error(f, package / entry.file),
-            "top1_agreement": top1_agreement(reference, runtime.logits(ids, adapter=name)),
+            **agreement(task, reference, package_output(name)),
         }
     return report
 
@@ -273,8 +315,10 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
         raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
     factors = ingest_peft(peft_dir)
     check_fits(factors, manifest.slot_map(), name)
-    entry = write_adapter_entry(package, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                manifest.adapter_block_size, manifest.base_fingerprint)
-    manifest.adapters[name] = entry
-    manifest.save(package)
+    # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
+    with atomic_dir(package.resolve(), update=True) as tmp:
+        entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
+                                    manifest.adapter_block_size, manifest.base_fingerprint)
+        manifest.adapters[name] = entry
+        manifest.save(tmp)
     return entry

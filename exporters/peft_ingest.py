@@ -18,9 +18,18 @@ from edgelora.fileio import read_json_object
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-# PEFT saves "base_model.model.<module>.lora_A.weight"; older versions kept the adapter name
-# ("...lora_A.default.weight").
+# PEFT saves "base_model.model.<module>.lora_A.weight" (on an embedding: ".lora_embedding_A", a bare
+# parameter); older versions kept the adapter name ("...lora_A.default.weight").
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+# Tensors that are not a low-rank delta: merged mode folds them in with PEFT's own merge_and_unload,
+# separate mode refuses them. Checked in order (after modules_to_save); the first match names the feature.
+_MERGE_ONLY = (
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), "DoRA"),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_bias"),
+    (re.compile(r"(\.base_layer\.weight|embed_tokens\.weight|\.wte\.weight)$"),
+     "a full copy of an embedding (save_embedding_layers)"),
+)
 
 
 def read_config(folder: Path) -> dict:
@@ -29,24 +38,42 @@ def read_config(folder: Path) -> dict:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")
-    unsupported = {
-        "use_dora": "DoRA",
-        "modules_to_save": "modules_to_save",
-        "trainable_token_indices": "trainable_token_indices",
-        "lora_bias": "lora_bias",
-    }
-    for key, label in unsupported.items():
-        if config.get(key):
-            raise EdgeLoraError(f"{path}: {label} is not supported yet (it is not a pure low-rank delta)")
-    if config.get("bias", "none") != "none":
-        raise EdgeLoraError(f"{path}: bias={config['bias']!r} is not supported yet; only bias='none'")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise EdgeLoraError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+    if config.get("trainable_token_indices"):
+        raise EdgeLoraError(f"{path}: trainable_token_indices is not supported yet (it is not a pure low-rank delta)")
+    check_positive(config.get("r"), "r", path, integer=True)
+    check_positive(config.get("lora_alpha"), "lora_alpha", path)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
             raise EdgeLoraError(f"{path}: {key} must be a mapping")
+        for module, value in pattern.items():
+            check_positive(value, f"{key}[{module!r}]", path, integer)
+            try:
+                re.compile(rf"(.*\.)?({module})$")
+            except re.error as e:
+                raise EdgeLoraError(f"{path}: {key} key {module!r} is not a valid pattern ({e})") from None
     return config
+
+
+def merge_only_feature(key: str, config: dict) -> str | None:
+    """The PEFT feature a non-LoRA tensor belongs to, if merged mode can take it."""
+    module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+    if any(module == m or module.endswith("." + m) for m in config.get("modules_to_save") or []):
+        return "modules_to_save"
+    for pattern, label in _MERGE_ONLY:
+        if pattern.search(key):
+            return label
+    if key.endswith(".bias") and config.get("bias", "none") != "none":
+        return f"bias={config['bias']!r}"
+    return None
+
+
+def check_positive(value, what: str, path: Path, integer: bool = False) -> None:
+    """Ranks and alphas scale every weight: a string, a bool, NaN, Inf or a sign flip would poison them all."""
+    number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        kind = "an integer" if integer else "finite"
+        raise EdgeLoraError(f"{path}: {what} must be a positive number, {kind}, got {value!r}")
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -69,46 +96,64 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EdgeLoraError(f"{path}: cannot read the adapter weights ({first})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
         raise EdgeLoraError(f"{path}: expected a flat mapping of tensor names to tensors")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise EdgeLoraError(f"{path}: tensor {key} is {tensor.dtype}, expected a float type")
     return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def pattern_value(pattern: dict | None, module: str, default):
+    """A module's entry in ``rank_pattern``/``alpha_pattern`` by PEFT's own matcher; PEFT is imported only when
+    there is a pattern to match (importing it costs seconds, most of an ``add-adapter``)."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 
 def module_scale(config: dict, module: str, rank: int, where: str) -> tuple[float, float]:
     """(scale, alpha) of one module: alpha/r, or alpha/√r with rsLoRA, patterns resolved as PEFT does."""
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    expected_r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+    expected_r = pattern_value(config.get("rank_pattern"), module, config["r"])
     if expected_r != rank:
         raise EdgeLoraError(f"{where}: module {module} has rank {rank} in the weights but {expected_r} in the config")
-    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return scale, alpha
 
 
-def ingest_peft(folder: str | Path) -> AdapterFactors:
+def ingest_peft(folder: str | Path, merged: bool = False) -> AdapterFactors:
+    """The adapter's low-rank factors; with ``merged`` it may also carry what only a merge can take.
+
+    Those parts (DoRA magnitudes, biases, modules_to_save copies) are listed in
+    ``extra["merge_only"]``; merged mode folds the whole adapter in with PEFT from the folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise EdgeLoraError(f"{folder}: adapter folder not found")
     config = read_config(folder)
     weights = read_weights(folder)
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    # a DoRA config without magnitudes would make PEFT compute them from the base: still not low-rank
+    merge_only = {"DoRA": f"use_dora in {CONFIG}"} if config.get("use_dora") else {}
     for key, tensor in weights.items():
-        m = _KEY.match(key)
-        if m is None:
-            if "lora_embedding" in key:
-                raise EdgeLoraError(f"{folder}: LoRA on embeddings ({key}) is not supported yet")
-            if key.endswith(".base_layer.weight") or key.endswith("embed_tokens.weight"):
-                raise EdgeLoraError(
-                    f"{folder}: the adapter carries a full copy of a base weight ({key}, saved by PEFT's "
-                    "save_embedding_layers); that is not a low-rank delta and is not supported yet"
-                )
-            if "lora_magnitude" in key:
-                raise EdgeLoraError(f"{folder}: DoRA weights ({key}) are not supported yet")
+        m = _KEY.match(key) or _EMBEDDING_KEY.match(key)
+        if m is not None:
+            pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+            continue
+        feature = merge_only_feature(key, config)
+        if feature is None:
             raise EdgeLoraError(f"{folder}: unexpected tensor {key} in the adapter weights")
-        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+        merge_only.setdefault(feature, key)
+    if merge_only and not merged:
+        feature, key = next(iter(sorted(merge_only.items())))
+        raise EdgeLoraError(
+            f"{folder}: {feature} is not a low-rank delta ({key}), so it cannot be a swappable slot; "
+            "export this adapter with --mode merged"
+        )
     modules = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -125,7 +170,8 @@ def ingest_peft(folder: str | Path) -> AdapterFactors:
         rank=max((f.rank for f in modules.values()), default=0),
         alpha=float(config["lora_alpha"]),
         source=str(folder),
-        extra={"base_model": config.get("base_model_name_or_path"), "use_rslora": bool(config.get("use_rslora"))},
+        extra={"base_model": config.get("base_model_name_or_path"), "use_rslora": bool(config.get("use_rslora")),
+               "merge_only": sorted(merge_only)},
     )
     factors.validate(str(folder))
     return factors

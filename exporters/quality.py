@@ -29,8 +29,23 @@ def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
     return float((reference_logits.argmax(-1) == logits.argmax(-1)).mean())
 
 
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+def min_cosine(reference_states: np.ndarray, states: np.ndarray) -> float:
+    """Lowest cosine similarity between the probe's mean-pooled embeddings and their references."""
+    ref, got = reference_states.mean(axis=1), states.mean(axis=1)
+    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    return float(cos.min())
+
+
+def agreement(task: str, reference: np.ndarray, got: np.ndarray) -> dict:
+    """Embeddings have no top-1 token to agree on; their directions are what similarity search uses."""
+    if task == "feature-extraction":
+        return {"min_cosine": min_cosine(reference, got)}
+    return {"top1_agreement": top1_agreement(reference, got)}
+
+
+def torch_logits(model, ids: np.ndarray, output: str = "logits") -> np.ndarray:
+    """The model's ``output`` (logits, or an encoder's last_hidden_state) on unpadded ``ids``."""
     import torch
 
     with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits.numpy()
+        return getattr(model(torch.as_tensor(ids)), output).numpy()

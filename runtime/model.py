@@ -19,6 +19,7 @@ from edgelora.errors import EdgeLoraError
 from edgelora.manifest import load_manifest
 
 from .chat import ChatSession, KVCache
+from .encoder import EncoderTasks, pad_batches
 from .registry import AdapterRegistry
 from .sampling import pick_token
 
@@ -51,7 +52,15 @@ class TextStream:
         return self._pieces
 
 
-class EdgeModel:
+# task -> the methods that serve it, for the error a call on the wrong kind of package gets
+TASK_METHODS = {
+    "causal-lm": "generate, stream, chat, logits",
+    "feature-extraction": "embed, encoder_output",
+    "sequence-classification": "classify, encoder_output",
+}
+
+
+class EdgeModel(EncoderTasks):
     def __init__(self, package: Path, manifest, session: ort.InferenceSession, registry: AdapterRegistry, tokenizer,
                  options: ort.SessionOptions):
         self.package = package
@@ -61,9 +70,10 @@ class EdgeModel:
         self.tokenizer = tokenizer
         graph = manifest.graph
         self._layers = graph["num_layers"]
-        self._kv_heads = graph["num_kv_heads"]
-        self._head_dim = graph["head_dim"]
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self._layers) for kv in ("key", "value")]
+        self._kv_heads = graph.get("num_kv_heads")
+        self._head_dim = graph.get("head_dim")
+        layers = self._layers if manifest.task == "causal-lm" else 0  # encoders have no KV cache
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self._outputs = graph["outputs"]
         self._eos = set(manifest.generation.get("eos_token_ids") or [])
         self._options = options
@@ -84,15 +94,19 @@ class EdgeModel:
 
         ``adapter_memory_mb`` caps resident adapter bytes, compositions included (least recently
         used evicted first, pinned ones never); ``verify`` checks each adapter's sha256 against the
-        manifest (or a path adapter's sidecar) on its first load. ``spin`` lets onnxruntime's worker
-        threads busy-wait between ops: off by default, because on a CPU shared with other processes
-        the spinning threads take the cores the next op needs (decode was 1.5-1.8x slower with it on
-        the 2-core development machine under load).
+        manifest (or a path adapter's sidecar) before its first use: package adapters are hashed in a
+        background thread from here on, so a first load usually costs only the memory map. ``spin`` lets
+        onnxruntime's worker threads busy-wait between ops: off by default, because on a CPU shared with
+        other processes the spinning threads take the cores the next op needs (decode was 1.5-1.8x slower
+        with it on the 2-core development machine under load).
         """
         package = Path(package)
         manifest = load_manifest(package)
-        if manifest.task != "causal-lm":
+        if manifest.task not in TASK_METHODS:
             raise EdgeLoraError(f"{package}: task {manifest.task!r} is not supported by this runtime")
+        _check_graph_info(package, manifest)
+        if adapter_memory_mb is not None and not adapter_memory_mb > 0:
+            raise EdgeLoraError(f"adapter_memory_mb must be a positive number, got {adapter_memory_mb!r}")
         graph_path = package / manifest.graph["file"]
         options = ort.SessionOptions()
         options.log_severity_level = 3  # slot defaults are overridable initializers; ORT warns about each
@@ -105,11 +119,19 @@ class EdgeModel:
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
         registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify,
                                    manifest.base_fingerprint, manifest.adapter_block_size)
+        if verify:
+            registry.verify_in_background()
         tokenizer = None
         if manifest.tokenizer:
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
+            try:
+                tokenizer = Tokenizer.from_file(str(package / manifest.tokenizer))
+            except Exception as e:  # tokenizers raises bare Exceptions
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise EdgeLoraError(f"{package / manifest.tokenizer}: cannot read the tokenizer ({first})") from None
+            if manifest.task != "causal-lm":
+                pad_batches(tokenizer, manifest)
         return cls(package, manifest, session, registry, tokenizer, options)
 
     # adapters
@@ -145,6 +167,16 @@ class EdgeModel:
 
     def stats(self) -> dict:
         return self.registry.stats()
+
+    @property
+    def task(self) -> str:
+        """causal-lm, feature-extraction or sequence-classification: which methods this package serves."""
+        return self.manifest.task
+
+    def _require_task(self, method: str, *tasks: str) -> None:
+        if self.manifest.task not in tasks:
+            raise EdgeLoraError(f"{self.package}: {method} needs a {' or '.join(tasks)} package, but this one is "
+                                f"{self.manifest.task} (use {TASK_METHODS[self.manifest.task]})")
 
     # forward passes
 
@@ -190,11 +222,18 @@ class EdgeModel:
         """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq]).
 
         ``adapter`` is a name, ``{name: weight}`` (strength, or a composition of several), or None."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+        self._require_task("logits", "causal-lm")
+        try:
+            ids = np.asarray(input_ids, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise EdgeLoraError(f"input_ids must be integer token ids, got {str(input_ids)[:60]!r}") from None
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise EdgeLoraError(f"input_ids must be [seq] or [batch, seq] with seq > 0, got shape {ids.shape}")
+        vocab = self.manifest.graph["vocab_size"]
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise EdgeLoraError(f"input_ids must be token ids in [0, {vocab}), got {ids.min()}..{ids.max()}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
         if self.manifest.graph.get("fusions", {}).get("gqa") and not mask.all():
             raise EdgeLoraError(f"{self.package}: this graph's GroupQueryAttention takes attention masks of ones only "
@@ -223,6 +262,7 @@ class EdgeModel:
 
     def chat(self, adapter=None) -> ChatSession:
         """A conversation bound to one adapter spec, keeping its KV cache so a turn costs only its new tokens."""
+        self._require_task("chat", "causal-lm")
         self.registry.resolve(adapter)  # a bad spec fails here, not on the first turn
         return ChatSession(self, adapter)
 
@@ -269,6 +309,7 @@ class EdgeModel:
 
         ``ignore_eos`` runs all ``max_new_tokens`` steps, so timings measure a fixed amount of work.
         """
+        self._require_task("stream", "causal-lm")
         prompt_ids = self.encode(prompt)
         text_stream = TextStream()
         text_stream._pieces = self._stream_text(text_stream, prompt_ids, adapter, max_new_tokens, temperature, top_k,
@@ -310,10 +351,27 @@ class EdgeModel:
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""
+        self._require_task("generate", "causal-lm")
         text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
         for _ in text_stream:
             pass
         return text_stream.result
+
+
+def _check_graph_info(package: Path, manifest) -> None:
+    """What the runtime reads from the manifest's graph and generation info, checked before it is used."""
+    where = package / "edgelora.json"
+    keys = ("num_layers", "num_kv_heads", "head_dim") if manifest.task == "causal-lm" else ("num_layers", "max_length")
+    for key in (*keys, "vocab_size"):
+        value = manifest.graph.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise EdgeLoraError(f"{where}: graph.{key} must be a positive integer, got {value!r}")
+    outputs = manifest.graph.get("outputs")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+        raise EdgeLoraError(f"{where}: graph.outputs must be a non-empty list of names")
+    eos = manifest.generation.get("eos_token_ids") or []
+    if not isinstance(eos, list) or not all(isinstance(t, int) for t in eos):
+        raise EdgeLoraError(f"{where}: generation.eos_token_ids must be a list of token ids")
 
 
 def _session(graph_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:

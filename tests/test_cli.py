@@ -35,3 +35,20 @@ def test_bad_inputs_are_one_line_with_exit_2(llama, tmp_path):
         assert lines[-1].startswith("edgelora: error: ") and message in lines[-1], text
         assert text.count("edgelora: error:") == 1 and "Traceback" not in text
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_measures_each_adapter_against_the_base(llama):
+    import json
+
+    code, text, err = run_cli("bench", llama.package, "--adapter", "plain", "--adapter", "rs:0.5", "--runs", "2",
+                              "--decode-tokens", "4", "--json")
+    assert code == 0, err
+    got = json.loads(text)
+    assert list(got["targets"]) == ["(base)", "plain", "rs:0.5"]
+    assert all(t["decode_ms_per_token"] > 0 and t["prefill_ms"] > 0 for t in got["targets"].values())
+    assert got["hot_swap_us"] > 0 and got["cold_load_ms"] > 0 and got["peak_rss"] > 0
+    code, text, _ = run_cli("bench", llama.package, "--runs", "1", "--decode-tokens", "2")
+    assert code == 0 and [line.split()[0] for line in text.splitlines()[1:5]] == ["(base)", "patterns", "plain", "rs"]
+    assert "vs base" in text and "hot swap" in text
+    code, _, err = run_cli("bench", llama.package, "--adapter", "nope", "--runs", "1")
+    assert code == 2 and "unknown adapter 'nope'" in err

@@ -85,9 +85,8 @@ def edit_config(src, dst, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-    ({"use_dora": True}, "DoRA is not supported yet"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save is not supported yet"),
-    ({"bias": "all"}, "bias='all' is not supported yet"),
+    ({"use_dora": True}, r"DoRA is not a low-rank delta \(use_dora in adapter_config.json\).* --mode merged"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices is not supported yet"),
     ({"r": 0}, "r must be a positive number"),
     ({"r": 3}, "has rank 4 in the weights but 3 in the config"),
 ])

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import FAMILY_ADAPTERS
+from conftest import FAMILY_ADAPTERS, MERGED_ADAPTERS
 
 IDS = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], dtype=np.int64)
 TOL = 1e-4
@@ -64,13 +64,13 @@ def test_plain_onnxruntime_with_lora_adapter_matches_peft(built):
     assert np.abs(base - built.reference_logits(None, IDS)).max() <= TOL
 
 
-@pytest.mark.parametrize("adapter", [None, "rs"])
-def test_prefill_then_stepwise_decode_equals_one_full_forward(llama, adapter):
-    session = plain_session(llama.package)
+@pytest.mark.parametrize("adapter", [None, "rs", "embedding"])
+def test_prefill_then_stepwise_decode_equals_one_full_forward(built, adapter):
+    session = plain_session(built.package)
     options = ort.RunOptions()
     if adapter:
         lora = ort.LoraAdapter()
-        lora.Load(str(llama.package / "adapters" / f"{adapter}.onnx_adapter"))
+        lora.Load(str(built.package / "adapters" / f"{adapter}.onnx_adapter"))
         options.add_active_adapter(lora)
     outputs = [o.name for o in session.get_outputs()]
     full = session.run(["logits"], plain_feeds(session, IDS), options)[0]
@@ -95,3 +95,17 @@ def test_greedy_generate_equals_argmax_of_full_forwards(llama):
     for _ in range(len(result.token_ids)):
         ids.append(int(np.argmax(llama.reference_logits("patterns", [ids])[0, -1])))
     assert result.token_ids == ids[len(prompt):]
+
+
+def test_merged_packages_match_peft(merged_built):
+    """Merge-only variants (DoRA, biases, modules_to_save): PEFT's unmerged forward is the reference."""
+    from edgelora.runtime import EdgeModel
+
+    model = EdgeModel.open(merged_built.package)
+    base = merged_built.reference_logits(None, IDS)
+    for name in MERGED_ADAPTERS[merged_built.family]:
+        want = merged_built.reference_logits(name, IDS)
+        assert np.abs(want - base).max() > 100 * TOL, name
+        assert np.abs(model.logits(IDS, adapter=name) - want).max() <= TOL, (merged_built.family, name)
+        session = plain_session(merged_built.package / "merged" / name)
+        assert np.abs(session.run(["logits"], plain_feeds(session, IDS))[0] - want).max() <= TOL, name

@@ -89,6 +89,7 @@ def test_plain_onnxruntime_loads_quantized_adapters(probe, dtype):
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
 
+    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = export(probe, "merged", mode="merged")
@@ -101,6 +102,12 @@ def test_merged_mode_matches_peft_merge_and_unload(probe):
     assert np.abs(model.logits(IDS, adapter="a") - want).max() <= 1e-4
     assert np.abs(model.logits(IDS) - probe.reference_logits(None, IDS)).max() <= 1e-4
     assert (package / "merged/a/model.onnx").is_file() and not (package / "adapters").exists()
+    # unchanged tensors (embedding, norms, tied LM head) live once on disk: a hard link to the base's data
+    assert (package / "merged/a/base.onnx.data").stat().st_ino == (package / "model.onnx.data").stat().st_ino
+    config = probe.base.config
+    embedding_bytes = config.vocab_size * config.hidden_size * 4
+    manifest = load_manifest(package)
+    assert manifest.adapters["a"].bytes <= manifest.base_bytes - embedding_bytes
     code, _, err = run_cli("add-adapter", package, f"b={probe.adapter_dirs['a']}")
     assert code == 2 and "a merged package has one graph per adapter" in err
 
@@ -163,3 +170,32 @@ def test_adapter_sizes_against_peft_safetensors(tmp_path):
     assert sizes["int8"] <= 0.27 * peft_bytes
     assert sizes["int4"] <= 0.15 * peft_bytes  # with blocks of 32 the extra scales make it 15.2%
     assert sizes["fp32"] <= 1.01 * peft_bytes
+
+
+def test_merge_then_quantize_beats_quantize_then_merge():
+    """Why merged mode merges in float first: a delta added to already-quantized weights must be quantized
+    again, and most of a small delta is lost to the second rounding."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelora.exporters.base_quant import quantize_base
+
+    def int4(w: np.ndarray) -> np.ndarray:
+        """The weights the package's int4 base quantization makes of ``w`` (a MatMul read back with x = I)."""
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w.shape[0]])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w.shape[1]])],
+            [numpy_helper.from_array(w, "w")])
+        proto = quantize_base(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), "int4", 32,
+                              None, set())
+        assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"]
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": np.eye(w.shape[0], dtype=np.float32)})[0]
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (256, 128)).astype(np.float32)
+    delta = (rng.normal(0, 0.02, (256, 16)) @ rng.normal(0, 0.02, (16, 128))).astype(np.float32)
+    merged = w + delta
+    merge_then_quantize = np.linalg.norm(int4(merged) - merged)
+    quantize_then_merge = np.linalg.norm(int4(int4(w) + delta) - merged)
+    assert merge_then_quantize < 0.8 * quantize_then_merge

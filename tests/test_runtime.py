@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -85,6 +86,27 @@ def test_tampered_adapter_fails_its_checksum(fresh_package):
     with pytest.raises(EdgeLoraError, match="plain fails its sha256 check"):
         EdgeModel.open(fresh_package).logits([1, 2, 3], adapter="plain")
     EdgeModel.open(fresh_package, verify=False).logits([1, 2, 3], adapter="plain")
+
+
+def test_package_adapters_are_checked_in_the_background_from_open(llama):
+    model = EdgeModel.open(llama.package)
+    deadline = time.monotonic() + 30
+    while model.stats()["checked"] != ["patterns", "plain", "rs"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.stats()["checked"] == ["patterns", "plain", "rs"]
+    assert model.stats()["resident"] == []  # checked, not loaded: loading stays lazy
+
+
+def test_a_blob_changed_after_its_check_is_checked_again(fresh_package):
+    model = EdgeModel.open(fresh_package)
+    model.load_adapter("plain")
+    model.unload_adapter("plain")
+    path = fresh_package / "adapters/plain.onnx_adapter"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(EdgeLoraError, match="plain fails its sha256 check"):
+        model.load_adapter("plain")
 
 
 def test_newer_manifest_format_is_refused(fresh_package):

@@ -1,0 +1,183 @@
+"""LoRA slots shared by every graph exporter: forward hooks that add ``(x @ a) @ b`` after each slotted
+module, the factors traced as graph inputs with a symbolic rank, and the steps after the trace
+(slot codec, base quantization, saving) that do not depend on the model's task.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from edgelora import codec
+from edgelora.adapter_file import slot_inputs
+from edgelora.errors import EdgeLoraError
+from edgelora.manifest import Slot
+
+from .base_quant import quantize_base
+
+OPSET = 21  # blocked DequantizeLinear for quantized slots needs ≥ 21
+EXAMPLE_RANK = 2  # example sizes avoid 0 and 1, which torch.export would specialize into constants
+
+
+class SlotHooks(nn.Module):
+    """The base model with ``y += (x @ a) @ b`` after each slotted module, the factors taken as inputs
+    (on an embedding, ``x @ a`` is a lookup: the rows of ``a`` for the token ids).
+
+    Forward hooks (instead of replacing modules) keep the model's own module tree and code
+    untouched, so what is exported is exactly what PEFT wraps. Subclasses define ``forward``
+    for their task and call ``set_factors`` with the flat ``[a0, b0, a1, b1, ...]`` list first.
+    """
+
+    def __init__(self, model: nn.Module, slots: list[str]):
+        super().__init__()
+        self.model = model
+        self.slots = slots
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = [model.get_submodule(name).register_forward_hook(self._delta_hook(name)) for name in slots]
+
+    def set_factors(self, lora) -> None:
+        self._factors = {name: (lora[2 * i], lora[2 * i + 1]) for i, name in enumerate(self.slots)}
+
+    def release(self) -> None:
+        """Take the hooks off, leaving the caller's model as it was."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _delta_hook(self, name: str):
+        def hook(module, args, output):
+            a, b = self._factors[name]
+            if isinstance(module, nn.Embedding):  # x @ a for a one-hot x: the rows of a for the token ids
+                return output + torch.matmul(nn.functional.embedding(args[0], a), b) * embed_scale(module)
+            return output + torch.matmul(torch.matmul(args[0], a), b)
+
+        return hook
+
+
+def embed_scale(module: nn.Embedding):
+    """Gemma's embeddings multiply their output by √hidden; PEFT scales the LoRA delta by it too."""
+    return getattr(module, "embed_scale", 1.0)
+
+
+@contextmanager
+def quiet_exporter():
+    """The exporter's warnings (unused axis names, torchvision ops) say nothing actionable to our users."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def slot_shape(module: nn.Module, name: str) -> tuple[int, int]:
+    """(in, out) of the delta a module takes: an embedding maps a token id (one of ``vocab``) to a row."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2 stores its weight as [in, out]
+        return tuple(module.weight.shape)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    raise EdgeLoraError(
+        f"module {name} is a {type(module).__name__}; only Linear, Conv1D and Embedding layers take LoRA slots"
+    )
+
+
+def slots_for(model: nn.Module, modules: list[str], dtype: str = "fp32") -> list[Slot]:
+    """Slots for the given module paths of the model."""
+    slots = []
+    for name in sorted(set(modules)):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise EdgeLoraError(f"the base model has no module {name} targeted by an adapter") from None
+        in_features, out_features = slot_shape(module, name)
+        a, b = slot_inputs(name)
+        slots.append(Slot(name=name, a=a, b=b, in_features=in_features, out_features=out_features, dtype=dtype))
+    return slots
+
+
+def example_factors(slots: list[Slot]) -> tuple[list[torch.Tensor], list[dict], list[str]]:
+    """Zero factors of an example rank, their dynamic shapes (one symbolic rank per slot) and input names."""
+    lora, shapes, names = [], [], []
+    for i, s in enumerate(slots):
+        dim_rank = torch.export.Dim(f"rank_{i}", max=65536)
+        lora += [torch.zeros(s.in_features, EXAMPLE_RANK), torch.zeros(EXAMPLE_RANK, s.out_features)]
+        shapes += [{1: dim_rank}, {0: dim_rank}]
+        names += [s.a, s.b]
+    return lora, shapes, names
+
+
+def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
+                   lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
+                   accuracy_level: int | None, fuse=None) -> dict[str, int]:
+    """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts.
+
+    ``fuse`` (proto -> (proto, counts)) rewrites the traced graph into onnxruntime's fused ops; it runs
+    the exporter's optimizer itself, so the trace skips it. Slots are traced as float inputs, then
+    rewritten to take ``adapter_dtype`` factors with the dequantization in the graph, so one trace
+    serves every codec.
+    """
+    try:
+        with torch.no_grad(), quiet_exporter():
+            program = torch.onnx.export(
+                wrapped,
+                args,
+                dynamic_shapes=dynamic_shapes,
+                input_names=inputs + lora_names,
+                output_names=outputs,
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=fuse is None,
+                verbose=False,
+            )
+    finally:
+        wrapped.release()
+    proto = program.model_proto
+    _check_io(proto, inputs + lora_names, outputs)
+    fusions = {}
+    if fuse is not None:
+        proto, fusions = fuse(proto)
+    _rename_dynamic_dims(proto)
+    codec.encode_slots(proto, lora_names, adapter_dtype, block)
+    proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+    return fusions
+
+
+def _check_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> None:
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != inputs or got_out != outputs:
+        raise EdgeLoraError(
+            f"the exported graph's I/O differ from the contract: inputs {got_in[:4]}…, outputs {got_out[:3]}…"
+        )
+
+
+def _rename_dynamic_dims(proto: onnx.ModelProto) -> None:
+    """Give each slot's rank a readable name in every tool that shows it."""
+    for value in proto.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param.startswith("rank_"):
+                dim.dim_param = "rank_" + value.name.rsplit(".", 1)[0]
