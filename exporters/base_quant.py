@@ -11,9 +11,6 @@ from edgelora.errors import EdgeLoraError
 from .fusion import untie_lm_head
 
 BITS = {"none": None, "int8": 8, "int4": 4}
-# Without int8 compute, onnxruntime's 8-bit MatMulNBits decoded about 12x slower than the fp32 graph on the
-# 135M benchmark model (bench/RESULTS-quant.md); with it, 16.9 against 38 ms/token.
-INT8_DEFAULT_ACCURACY_LEVEL = 4
 
 
 def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accuracy_level: int | None,
@@ -29,8 +26,6 @@ def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accura
         return proto
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    if accuracy_level is None and BITS[quantize] == 8:
-        accuracy_level = INT8_DEFAULT_ACCURACY_LEVEL
     untie_lm_head(proto)
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and slot_tensors & set(n.input)]
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)

@@ -105,10 +105,6 @@ def test_untied_lm_head_computes_the_same_and_quantizes():
     quantized = quantize_base(tied_head_graph(), "int8", 32, None, set())
     ops = [n.op_type for n in quantized.graph.node]
     assert ops == ["Gather", "MatMulNBits"]  # the LM head is quantized; the gather keeps the float table
-    level = {a.name: a.i for a in quantized.graph.node[1].attribute}["accuracy_level"]
-    assert level == 4  # int8's default: the 8-bit kernel without int8 compute is far slower than fp32
-    explicit = quantize_base(tied_head_graph(), "int8", 32, 0, set())
-    assert {a.name: a.i for a in explicit.graph.node[1].attribute}.get("accuracy_level", 0) == 0
     got = run(quantized, ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 0.02
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 2 / 3
