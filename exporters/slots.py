@@ -150,7 +150,8 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     _check_io(proto, inputs + lora_names, outputs)
     fusions = {}
     if fuse is not None:
-        proto, fusions = fuse(proto)
+        with quiet_exporter():  # onnx_ir logs each pass at INFO, with stack traces, once anyone configured logging
+            proto, fusions = fuse(proto)
     _rename_dynamic_dims(proto)
     codec.encode_slots(proto, lora_names, adapter_dtype, block)
     proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))

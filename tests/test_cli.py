@@ -52,3 +52,13 @@ def test_bench_measures_each_adapter_against_the_base(llama):
     assert "vs base" in text and "hot swap" in text
     code, _, err = run_cli("bench", llama.package, "--adapter", "nope", "--runs", "1")
     assert code == 2 and "unknown adapter 'nope'" in err
+
+
+def test_merged_export_prints_progress_and_nothing_else(llama, tmp_path):
+    """The merged path loads PEFT, which leaves logging configured: the graph passes must stay quiet anyway."""
+    code, out, err = run_cli("export", llama.base_dir, "--adapter", f"a={llama.adapter_dirs['plain']}", "--out",
+                             tmp_path / "pkg", "--mode", "merged", "--quantize", "int4")
+    assert code == 0, err
+    noise = [line for line in (out + err).splitlines()
+             if not line.startswith(("[", "  ", "wrote "))]
+    assert noise == [], noise[:5]
