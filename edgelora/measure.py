@@ -65,24 +65,19 @@ def compare(model, targets: list, settings: LatencySettings) -> dict:
     Interleaving puts every target under the same machine load, so the ratios between them hold
     even when absolute times drift between minutes, as they do on shared machines.
     """
+    from .runtime.composition import label, normalize
+
     prompt = _random_ids(model, settings.prompt_tokens, seed=0)
-    runs: dict = {label: [] for label in map(_label, targets)}
+    labels = [label(normalize(target)) or "(base)" for target in targets]  # the names stats() lists them under
+    runs: dict = {name: [] for name in labels}
     for i in range(settings.warmup + settings.runs):
-        for target in targets:
+        for target, name in zip(targets, labels):
             r = model.generate(prompt, adapter=target, max_new_tokens=settings.decode_tokens, ignore_eos=True)
             if i >= settings.warmup:
-                runs[_label(target)].append(r)
+                runs[name].append(r)
     return {label: {"prefill_ms": float(np.median([r.prefill_ms for r in rs])),
                     "decode_ms_per_token": float(np.median([r.decode_ms_per_token for r in rs]))}
             for label, rs in runs.items()}
-
-
-def _label(target) -> str:
-    if target is None:
-        return "(base)"
-    if isinstance(target, str):
-        return target
-    return "+".join(f"{n}:{w:g}" for n, w in target.items())
 
 
 def cold_load_ms(model, adapter: str, runs: int) -> float:
