@@ -169,7 +169,7 @@ def export_package(
 ) -> Manifest:
     """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in."""
     from .merge import merged_copy
-    from .shared_weights import share_base_tensors
+    from .shared_weights import base_tensors, share_base_tensors
     from .slots import slots_for
 
     base_dir, out = Path(base_dir), Path(out)
@@ -212,12 +212,13 @@ def export_package(
                                           accuracy_level)
         entries = {}
         if merged:
+            base = base_tensors(tmp / "model.onnx")
             for name, f in factors.items():
                 path = tmp / "merged" / name / "model.onnx"
                 with steps.step(f"exporting merged graph {name}{quant}"):
                     exporter.export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
-                                 accuracy_level)
-                    share_base_tensors(path, tmp / "model.onnx")
+                                          accuracy_level)
+                    share_base_tensors(path, base)
                 entries[name] = AdapterEntry(
                     file=str(path.relative_to(tmp)), sha256=sha256_file(path), bytes=graph_bytes(path),
                     rank=f.rank, alpha=f.alpha, dtype="merged", source=str(adapters[name]),

@@ -24,8 +24,11 @@ def _key(tensor: onnx.TensorProto, payload) -> tuple:
     return tensor.data_type, tuple(tensor.dims), hashlib.sha256(payload).digest()
 
 
-def _base_tensors(base_graph: Path) -> tuple[Path, dict[tuple, tuple[int, int]]]:
-    """The base's data file and, per (dtype, shape, digest), where that tensor's bytes lie in it."""
+def base_tensors(base_graph: Path) -> tuple[Path, dict[tuple, tuple[int, int]]]:
+    """The base's data file and, per (dtype, shape, digest), where that tensor's bytes lie in it.
+
+    Hashing the whole base is the expensive part: build this once per export, for every merged graph.
+    """
     proto = onnx.load(str(base_graph), load_external_data=False)
     data = base_graph.with_name(base_graph.name + ".data")
     where = {}
@@ -38,9 +41,10 @@ def _base_tensors(base_graph: Path) -> tuple[Path, dict[tuple, tuple[int, int]]]
     return data, where
 
 
-def share_base_tensors(graph: Path, base_graph: Path) -> int:
-    """Point ``graph``'s tensors that equal the base's at a hard link of the base's data; returns bytes saved."""
-    base_data, where = _base_tensors(base_graph)
+def share_base_tensors(graph: Path, base: tuple[Path, dict[tuple, tuple[int, int]]]) -> int:
+    """Point ``graph``'s tensors that equal the base's (``base_tensors``) at a hard link of the base's data;
+    returns the bytes saved."""
+    base_data, where = base
     proto = onnx.load(str(graph))
     saved = 0
     for tensor in proto.graph.initializer:
