@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,17 @@ def test_manifest_roundtrip(llama):
 
 # --- PEFT folders and names --------------------------------------------------------------------------------
 
+@contextmanager
+def peft_copy(llama, adapter: str):
+    """A private copy of one of the test PEFT folders, removed afterwards (hypothesis reuses the fixture)."""
+    folder = Path(tempfile.mkdtemp(dir=llama.package.parent)) / "peft"
+    shutil.copytree(llama.adapter_dirs[adapter], folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder.parent)
+
+
 @SLOW
 @given(st.dictionaries(st.sampled_from(["peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                                         "use_rslora", "use_dora", "bias", "modules_to_save", "lora_bias"]),
@@ -262,14 +274,10 @@ def test_manifest_roundtrip(llama):
 def test_peft_loader_on_hostile_configs(llama, changes):
     from edgelora.exporters.peft_ingest import ingest_peft
 
-    folder = Path(tempfile.mkdtemp(dir=llama.package.parent)) / "peft"
-    shutil.copytree(llama.adapter_dirs["patterns"], folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-    try:
+    with peft_copy(llama, "patterns") as folder:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
         loads_or_refuses(ingest_peft, folder)
-    finally:
-        shutil.rmtree(folder.parent)
 
 
 @SLOW
@@ -277,13 +285,9 @@ def test_peft_loader_on_hostile_configs(llama, changes):
 def test_peft_loader_on_arbitrary_weight_bytes(llama, data):
     from edgelora.exporters.peft_ingest import ingest_peft
 
-    folder = Path(tempfile.mkdtemp(dir=llama.package.parent)) / "peft"
-    shutil.copytree(llama.adapter_dirs["plain"], folder)
-    (folder / "adapter_model.safetensors").write_bytes(data)
-    try:
+    with peft_copy(llama, "plain") as folder:
+        (folder / "adapter_model.safetensors").write_bytes(data)
         loads_or_refuses(ingest_peft, folder)
-    finally:
-        shutil.rmtree(folder.parent)
 
 
 @FAST
