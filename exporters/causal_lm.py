@@ -79,6 +79,16 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the sliding window of its attention or None: from ``layer_types`` where the config has
+    them (Qwen2, Qwen3, Gemma 2), else the one ``sliding_window`` for every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * config.num_hidden_layers
+
+
 def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
                  block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
     """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest."""
@@ -109,7 +119,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     inputs, outputs = io_names(layers)
     fusions = export_slotted(wrapped, (input_ids, attention_mask, position_ids, past, lora, {}), dynamic_shapes,
                              inputs, outputs, lora_names, path, adapter_dtype, block, quantize, accuracy_level,
-                             fuse=lambda proto: fuse_for_ort(proto, head_dim))
+                             fuse=lambda proto: fuse_for_ort(proto, head_dim, sliding_windows(config)))
     return {
         "file": path.name,
         "inputs": inputs,
