@@ -199,25 +199,44 @@ def dequant_nodes(value: onnx.ValueInfoProto, dtype: str, block: int):
         ),
     ]
     node = helper.make_node
+    shape3, shape2, shape_nodes, shape_inits = _int4_shapes(p, k_dim, n_dim, block, scale_f)
     nodes = [
         node("BitwiseAnd", [names[0], "edgelora.u8_15"], [p + "lo"]),
         node("BitShift", [names[0], "edgelora.u8_4"], [p + "hi"], direction="RIGHT"),
-        node("Unsqueeze", [p + "lo", "edgelora.i64_1"], [p + "lo3"]),
-        node("Unsqueeze", [p + "hi", "edgelora.i64_1"], [p + "hi3"]),
-        node("Concat", [p + "lo3", p + "hi3"], [p + "pairs"], axis=1),  # [K/2, 2, N]
-        node("Cast", [p + "pairs"], [p + "pairs_f"], to=TensorProto.FLOAT),
-        node("Sub", [p + "pairs_f", "edgelora.f_8"], [p + "centered"]),
+        # [K/2, 2N]: row r holds rows 2r (low nibbles) and 2r+1 (high) of [K, N], so a reshape interleaves them
+        node("Concat", [p + "lo", p + "hi"], [p + "rows"], axis=1),
+        node("Cast", [p + "rows"], [p + "rows_f"], to=TensorProto.FLOAT),
+        node("Sub", [p + "rows_f", "edgelora.f_8"], [p + "centered"]),
         node("Cast", [names[1]], [scale_f], to=TensorProto.FLOAT),
-        node("Shape", [scale_f], [p + "nblocks"], start=0, end=1),
-        node("Shape", [scale_f], [p + "n"], start=1, end=2),
-        node("Concat", [p + "nblocks", "edgelora.i64_minus1", p + "n"], [p + "shape3"], axis=0),
-        node("Concat", ["edgelora.i64_minus1", p + "n"], [p + "shape2"], axis=0),
-        node("Reshape", [p + "centered", p + "shape3"], [p + "blocks"]),  # [K/bs, bs, N]
+        *shape_nodes,
+        node("Reshape", [p + "centered", shape3], [p + "blocks"]),  # [K/bs, bs, N]
         node("Unsqueeze", [scale_f, "edgelora.i64_1"], [p + "scale3"]),
         node("Mul", [p + "blocks", p + "scale3"], [p + "scaled"]),
-        node("Reshape", [p + "scaled", p + "shape2"], [tensor]),
+        node("Reshape", [p + "scaled", shape2], [tensor]),
     ]
-    return inputs, nodes, defaults, None
+    return inputs, nodes, defaults + shape_inits, None
+
+
+def _int4_shapes(p: str, k_dim, n_dim, block: int, scale_f: str):
+    """(blocks shape [K/bs, bs, N], factor shape [K, N], nodes, initializers): constants where K is known
+    (a slot's ``in``), else read off the scales' [K/bs, N]; every node less counts at each decode step."""
+    const = numpy_helper.from_array
+    if isinstance(k_dim, int):
+        bs = int4_block(k_dim, block)
+        inits = [const(np.array([k_dim // bs, bs, -1], np.int64), p + "shape3"),
+                 const(np.array([k_dim, -1], np.int64), p + "shape2")]
+        return p + "shape3", p + "shape2", [], inits
+    nodes = [helper.make_node("Shape", [scale_f], [p + "nblocks"], start=0, end=1)]
+    if isinstance(n_dim, int):
+        inits = [const(np.array([-1, n_dim], np.int64), p + "shape2")]
+        nodes.append(helper.make_node("Concat", [p + "nblocks", p + "shape2"], [p + "shape3"], axis=0))
+        return p + "shape3", p + "shape2", nodes, inits
+    nodes += [
+        helper.make_node("Shape", [scale_f], [p + "n"], start=1, end=2),
+        helper.make_node("Concat", [p + "nblocks", "edgelora.i64_minus1", p + "n"], [p + "shape3"], axis=0),
+        helper.make_node("Concat", ["edgelora.i64_minus1", p + "n"], [p + "shape2"], axis=0),
+    ]
+    return p + "shape3", p + "shape2", nodes, []
 
 
 def encode_slots(proto: onnx.ModelProto, factor_inputs: list[str], dtype: str, block: int) -> None:
