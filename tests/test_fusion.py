@@ -54,39 +54,29 @@ def test_group_query_attention_graph_matches_peft(gqa_llama):
         model.logits(ids, attention_mask=[[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
 
 
-def test_packed_projections_with_slots_on_q_and_v_only_match_peft(tmp_path):
-    """PEFT's default targets (q and v, not k): the packed product is split so each slot adds its own delta."""
+# (family, adapter): PEFT's default q/v targets (the packed product is split), every linear layer on a base
+# with q/k/v biases (the deltas concatenated after the packed bias), and Mistral's sliding window of 4
+@pytest.mark.parametrize("family, adapter", [("llama", "plain"), ("qwen2", "rs"), ("gemma", "plain"),
+                                             ("mistral", "plain")])
+def test_fused_attention_families_match_peft_over_a_long_context(tmp_path, family, adapter):
+    """Prefill and single steps past twice Mistral's window, on the fused graph (packed q/k/v, GroupQueryAttention)."""
     from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
-    built = build(tmp_path, "llama", ["plain"], size="small")
+    built = build(tmp_path, family, [adapter], size="small")
     layers = 4
-    assert load_manifest(built.package).graph["fusions"]["packed_qkv"] == layers
-    assert op_counts(built.package / "model.onnx")["Split"] == layers
-    model = EdgeModel.open(built.package)
-    ids = np.array([[1, 40, 8, 15, 15, 18, 98, 26]], np.int64)
-    for name in (None, "plain"):
-        assert np.abs(model.logits(ids, adapter=name) - built.reference_logits(name, ids)).max() <= 1e-4
-
-
-def test_group_query_attention_keeps_a_sliding_window(tmp_path):
-    """Mistral attends to the last ``sliding_window`` tokens only; the fused attention, which takes no real
-    mask, must keep that window in prefill and in single steps past it."""
-    from edgelora.manifest import load_manifest
-    from edgelora.runtime import EdgeModel
-
-    built = build(tmp_path, "mistral", ["plain"], size="small")
-    window = built.base.config.sliding_window
-    assert load_manifest(built.package).graph["fusions"]["sliding_window_attention"] == 4
+    fusions = load_manifest(built.package).graph["fusions"]
+    assert fusions["gqa"] == fusions["packed_qkv"] == layers
+    assert fusions.get("sliding_window_attention", 0) == (layers if family == "mistral" else 0)
+    assert op_counts(built.package / "model.onnx")["Split"] == (layers if adapter == "plain" else 0)
     prompt = [1, 40, 8, 15, 15, 18, 30, 26, 5, 6, 7]
-    assert len(prompt) > 2 * window
     model = EdgeModel.open(built.package)
-    for name in (None, "plain"):
+    for name in (None, adapter):
         assert np.abs(model.logits([prompt], adapter=name) - built.reference_logits(name, [prompt])).max() <= 1e-4
     ids = list(prompt)
     for _ in range(4):
-        ids.append(int(np.argmax(built.reference_logits("plain", [ids])[0, -1])))
-    assert model.generate(prompt, adapter="plain", max_new_tokens=4, ignore_eos=True).token_ids == ids[len(prompt):]
+        ids.append(int(np.argmax(built.reference_logits(adapter, [ids])[0, -1])))
+    assert model.generate(prompt, adapter=adapter, max_new_tokens=4, ignore_eos=True).token_ids == ids[len(prompt):]
 
 
 def test_sliding_windows_per_layer_follow_the_config():
