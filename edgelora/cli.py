@@ -149,9 +149,9 @@ def inspect(package):
         click.echo(f"  {'name':<16} {'rank':>4} {'dtype':<6} {'modules':>7} {'bytes':>10} {'PEFT bytes':>10} "
                    f"{'ratio':>6} {'Δ rel.err':>9} {'top-1':>6}")
         for name, a in sorted(m.adapters.items()):
-            q = m.quality.get(name, {})
-            err = "-" if q.get("delta_rel_error") is None else f"{q['delta_rel_error']:.1e}"
-            top1 = f"{q['top1_agreement']:.1%}" if "top1_agreement" in q else "-"
+            q = m.quality.get(name)
+            err = "-" if q is None or q.delta_rel_error is None else f"{q.delta_rel_error:.1e}"
+            top1 = "-" if q is None or q.top1_agreement is None else f"{q.top1_agreement:.1%}"
             ratio = f"{a.bytes / a.source_bytes:.1%}" if a.source_bytes else "-"
             click.echo(f"  {name:<16} {a.rank:>4} {a.dtype:<6} {len(a.modules):>7} {human_bytes(a.bytes):>10} "
                        f"{human_bytes(a.source_bytes):>10} {ratio:>6} {err:>9} {top1:>6}")

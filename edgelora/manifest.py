@@ -43,6 +43,16 @@ class AdapterEntry:
 
 
 @dataclass
+class Quality:
+    """What quantization cost one adapter (or the base), measured at export against fp32 PyTorch on a probe batch."""
+
+    dtype: str
+    delta_rel_error: float | None = None  # of the stored delta; None for the base and for merged adapters
+    top1_agreement: float | None = None  # causal LMs: greedy tokens that agree
+    min_cosine: float | None = None  # embedding models: the least cosine between the two outputs
+
+
+@dataclass
 class Manifest:
     family: str
     architecture: str
@@ -58,7 +68,7 @@ class Manifest:
     adapter_block_size: int = 32  # int4 block along the reduction axis
     base_quantization: str = "none"
     base_bytes: int = 0
-    quality: dict = field(default_factory=dict)  # per adapter ("" = the base): dtype, delta_rel_error, top1_agreement
+    quality: dict[str, Quality] = field(default_factory=dict)  # per adapter ("" = the base)
     base_source: str = ""
     format_version: int = FORMAT_VERSION
     created_by: str = f"edgelora {__version__}"

@@ -120,13 +120,13 @@ def greedy_agreement(model, name: str) -> float:
     has both, measures it on a probe batch and records it in the manifest; the check gates on it.
     """
     quality = model.manifest.quality.get(name)
-    if quality and "min_cosine" in quality:
+    if quality is not None and quality.min_cosine is not None:
         raise EdgeLoraError(f"{model.package}: quality.min_greedy_agreement does not apply to a "
                             f"{model.manifest.task} package (its export measured the embeddings' cosine, "
-                            f"{quality['min_cosine']:.6f}, for adapter {name}); see `edgelora inspect`")
-    if not quality or "top1_agreement" not in quality:
+                            f"{quality.min_cosine:.6f}, for adapter {name}); see `edgelora inspect`")
+    if quality is None or quality.top1_agreement is None:
         raise EdgeLoraError(f"{model.package}: adapter {name} has no quality report in the manifest; re-export it")
-    return float(quality["top1_agreement"])
+    return quality.top1_agreement
 
 
 def _random_ids(model, length: int, seed: int) -> list[int]:

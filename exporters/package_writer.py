@@ -17,7 +17,7 @@ from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
 from edgelora.fileio import atomic_dir, check_name, sha256_file
-from edgelora.manifest import AdapterEntry, Manifest, Slot, load_manifest
+from edgelora.manifest import AdapterEntry, Manifest, Quality, Slot, load_manifest
 from edgelora.progress import Steps
 from edgelora.sidecar import write_sidecar
 
@@ -258,15 +258,15 @@ def export_package(
             manifest.save(tmp)
     if progress:
         for name, q in manifest.quality.items():
-            err = "" if q["delta_rel_error"] is None else f"delta rel. error {q['delta_rel_error']:.2e}, "
-            agree = (f"top-1 agreement {q['top1_agreement']:.1%}" if "top1_agreement" in q
-                     else f"min. embedding cosine {q['min_cosine']:.6f}")
+            err = "" if q.delta_rel_error is None else f"delta rel. error {q.delta_rel_error:.2e}, "
+            agree = (f"top-1 agreement {q.top1_agreement:.1%}" if q.top1_agreement is not None
+                     else f"min. embedding cosine {q.min_cosine:.6f}")
             print(f"  {name or '(base)'}: {err}{agree}", file=sys.stderr)
         print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
     return manifest
 
 
-def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest) -> dict:
+def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest) -> dict[str, Quality]:
     """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
     from edgelora.runtime import EdgeModel
 
@@ -282,16 +282,16 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
             return runtime.logits(ids, adapter=adapter)
         return runtime.encoder_output(ids, adapter=adapter)
 
-    report = {"": {"dtype": manifest.base_quantization, "delta_rel_error": None,
-                   **agreement(task, torch_logits(model, ids, output), package_output(None))}}
+    report = {"": Quality(dtype=manifest.base_quantization,
+                          **agreement(task, torch_logits(model, ids, output), package_output(None)))}
     for name, f in factors.items():
         entry = manifest.adapters[name]
         reference = torch_logits(with_adapter(model, f), ids, output)
-        report[name] = {
-            "dtype": entry.dtype,
-            "delta_rel_error": None if manifest.mode == "merged" else delta_error(f, package / entry.file),
+        report[name] = Quality(
+            dtype=entry.dtype,
+            delta_rel_error=None if manifest.mode == "merged" else delta_error(f, package / entry.file),
             **agreement(task, reference, package_output(name)),
-        }
+        )
     return report
 
 

@@ -98,7 +98,7 @@ def test_minilm_embeddings_match_peft_mean_pooling(minilm):
     assert np.abs(got - want).max() <= TOL
     assert np.abs(model.embed(TEXTS) - base).max() <= TOL
     assert np.abs(want - base).max() > 100 * TOL  # the adapter moves the embeddings well past the tolerance
-    assert model.manifest.quality["a"]["min_cosine"] > 0.9999
+    assert model.manifest.quality["a"].min_cosine > 0.9999
     unit = model.embed(TEXTS, adapter="a", normalize=True)
     assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6)
     assert np.abs(unit - want / np.linalg.norm(want, axis=1, keepdims=True)).max() <= TOL
@@ -302,7 +302,7 @@ def test_int8_adapters_on_an_int8_encoder(bert_cls, tmp_path):
     batch = model.tokenize(TEXTS)
     for name in CLS_ADAPTERS:
         assert manifest.adapters[name].bytes < load_manifest(bert_cls.package).adapters[name].bytes
-        assert manifest.quality[name]["delta_rel_error"] < 1e-2
+        assert manifest.quality[name].delta_rel_error < 1e-2
         got = model.classify(TEXTS, adapter=name).logits
         want = reference_cls(bert_cls, name, batch)
         effect = np.abs(want - reference_cls(bert_cls, None, batch)).max()
