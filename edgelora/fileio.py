@@ -127,6 +127,29 @@ def _remove_stale(target: Path) -> None:
 
 
 @contextmanager
+def exclusive(directory: str | os.PathLike):
+    """Hold an exclusive lock on ``directory`` as it stands at that path, for a read-modify-swap of it.
+
+    Two writers that each start from the same manifest would otherwise each swap in their own
+    copy, and the last would drop the other's change. The lock is on the directory itself, not a
+    lock file beside it; since a swap puts a new directory at the path, a writer that waited
+    checks that the one it locked is still there, and locks the new one if not.
+    """
+    import fcntl
+
+    path = Path(directory)
+    while True:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+@contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False, update: bool = False):
     """Build a directory under a temporary name and swap it in whole at the end.
 

@@ -16,7 +16,7 @@ from edgelora.adapter_file import SUFFIX, adapter_parameters, write_adapter
 from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
-from edgelora.fileio import atomic_dir, check_name, sha256_file
+from edgelora.fileio import atomic_dir, check_name, exclusive, sha256_file
 from edgelora.manifest import AdapterEntry, Manifest, Quality, Slot, load_manifest
 from edgelora.progress import Steps
 from edgelora.sidecar import write_sidecar
@@ -304,22 +304,25 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
     """
     package = Path(package)
     check_name(name)
-    manifest = load_manifest(package)
-    if manifest.mode == "merged":
-        raise EdgeLoraError(f"{package}: a merged package has one graph per adapter; re-export it with the new adapter")
-    if adapter_dtype is not None and check_dtype(adapter_dtype) != manifest.adapter_dtype:
-        raise EdgeLoraError(
-            f"{package}: the graph's LoRA slots take {manifest.adapter_dtype} factors, not {adapter_dtype}; "
-            f"omit --adapter-dtype, or re-export the base with --adapter-dtype {adapter_dtype}"
-        )
-    if name in manifest.adapters and not overwrite:
-        raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
-    factors = ingest_peft(peft_dir)
-    check_fits(factors, manifest.slot_map(), name)
-    # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
-    with atomic_dir(package.resolve(), update=True) as tmp:
-        entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                    manifest.adapter_block_size, manifest.base_fingerprint)
-        manifest.adapters[name] = entry
-        manifest.save(tmp)
+    if not package.is_dir():
+        raise EdgeLoraError(f"{package}: not a package directory")
+    with exclusive(package):  # a second add-adapter waits, then starts from the manifest with this one's adapter
+        manifest = load_manifest(package)
+        if manifest.mode == "merged":
+            raise EdgeLoraError(f"{package}: a merged package has one graph per adapter; re-export it with the new adapter")
+        if adapter_dtype is not None and check_dtype(adapter_dtype) != manifest.adapter_dtype:
+            raise EdgeLoraError(
+                f"{package}: the graph's LoRA slots take {manifest.adapter_dtype} factors, not {adapter_dtype}; "
+                f"omit --adapter-dtype, or re-export the base with --adapter-dtype {adapter_dtype}"
+            )
+        if name in manifest.adapters and not overwrite:
+            raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
+        factors = ingest_peft(peft_dir)
+        check_fits(factors, manifest.slot_map(), name)
+        # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
+        with atomic_dir(package.resolve(), update=True) as tmp:
+            entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
+                                        manifest.adapter_block_size, manifest.base_fingerprint)
+            manifest.adapters[name] = entry
+            manifest.save(tmp)
     return entry

@@ -64,3 +64,19 @@ def test_bad_names_and_duplicates_are_refused(llama, fresh_package):
         assert code == 2 and "is not allowed" in out, bad
     code, _, out = run_cli("add-adapter", fresh_package, f"plain={llama.adapter_dirs['plain']}")
     assert code == 2 and "already exists" in out
+
+
+def test_simultaneous_add_adapter_runs_keep_every_adapter(llama, fresh_package, tmp_path):
+    """Each run swaps in a whole new copy of the package; without a lock the last swap would drop the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgelora.exporters.package_writer import add_adapter
+    from edgelora.manifest import load_manifest
+
+    names = [f"t{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        make_adapter(llama.base, tmp_path / name, "plain", seed=20 + i)
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda n: add_adapter(fresh_package, n, tmp_path / n), names))
+    assert set(names) <= set(load_manifest(fresh_package).adapters)
+    assert all((fresh_package / "adapters" / f"{n}.onnx_adapter").is_file() for n in names)
