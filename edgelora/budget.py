@@ -26,6 +26,8 @@ LATENCY_METRICS = {
 }
 # metrics that need an adapter in the package to be measured at all
 ADAPTER_METRICS = ("hot_swap_us", "cold_load_ms")
+# metrics only a causal LM has: an encoder's one forward pass is measured as its prefill
+DECODE_METRICS = ("decode_ms_per_token", "decode_p95_ms_per_token")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,14 @@ class Budgets:
                                 f"(it has: {', '.join(sorted(adapters)) or 'none'})")
         return name
 
-    def check_package(self, adapters: list[str]) -> None:
+    def check_package(self, adapters: list[str], task: str) -> None:
         """Refuse, before measuring anything, budgets this package cannot be judged by."""
+        if task != "causal-lm":
+            for section, budgets in (("latency", self.latency), ("relative", self.relative)):
+                for metric in DECODE_METRICS:
+                    if metric in budgets:
+                        raise EdgeLoraError(f"{self.path}: {section}.{metric}: a {task} package decodes nothing; "
+                                            "budget prefill_ms, its forward pass over prompt_tokens")
         for pattern in self.adapter_sizes:
             if not fnmatch.filter(adapters, pattern):
                 raise EdgeLoraError(f"{self.path}: size.adapters.{pattern!r} matches no adapter in the package "

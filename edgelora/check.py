@@ -30,7 +30,7 @@ def run_check(package: Path, budget_file: Path, baseline_file: Path | None = Non
     budgets = load_budgets(budget_file)
     manifest = load_manifest(package)
     adapters = sorted(manifest.adapters)
-    budgets.check_package(adapters)
+    budgets.check_package(adapters, manifest.task)
     adapter = budgets.latency_adapter(adapters)
     baseline = None
     if baseline_file is not None:

@@ -274,15 +274,19 @@ def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
     if as_json:
         click.echo(json.dumps({"targets": rows, **extra, "settings": asdict(settings)}, indent=2))
         return
-    base = rows["(base)"]["decode_ms_per_token"]
-    click.echo(f"{'target':<24} {'prefill ms':>10} {'decode ms/token':>15} {'vs base':>8}")
+    # an encoder's forward pass is its prefill; it decodes nothing, so its overhead is on the forward pass
+    key = "decode_ms_per_token" if model.manifest.task == "causal-lm" else "prefill_ms"
+    base = rows["(base)"][key]
+    decode_header = f" {'decode ms/token':>15}" if key == "decode_ms_per_token" else ""
+    click.echo(f"{'target':<24} {'prefill ms':>10}{decode_header} {'vs base':>8}")
     for label, r in rows.items():
-        overhead = "-" if label == "(base)" else f"{r['decode_ms_per_token'] / base - 1:+.1%}"
-        click.echo(f"{label:<24} {r['prefill_ms']:>10.2f} {r['decode_ms_per_token']:>15.3f} {overhead:>8}")
+        overhead = "-" if label == "(base)" else f"{r[key] / base - 1:+.1%}"
+        decode = f" {r['decode_ms_per_token']:>15.3f}" if decode_header else ""
+        click.echo(f"{label:<24} {r['prefill_ms']:>10.2f}{decode} {overhead:>8}")
     if "hot_swap_us" in extra:
         click.echo(f"hot swap {extra['hot_swap_us']:.1f} µs, cold load of {resident[0]} {extra['cold_load_ms']:.2f} ms")
-    click.echo(f"peak RSS {human_bytes(extra['peak_rss'])}; {prompt_tokens}-token prompt, {decode_tokens} new "
-               f"tokens, median of {runs} interleaved runs")
+    work = f"{prompt_tokens}-token prompt" + (f", {decode_tokens} new tokens" if decode_header else "")
+    click.echo(f"peak RSS {human_bytes(extra['peak_rss'])}; {work}, median of {runs} interleaved runs")
 
 
 @main.command()

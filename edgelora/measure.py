@@ -36,27 +36,34 @@ def package_sizes(package: Path, manifest: Manifest) -> tuple[dict[str, int], di
 
 
 def latency(model, adapter: str | None, settings: LatencySettings) -> dict[str, float]:
-    """Prefill and decode times of greedy generation, plus adapter switch and load costs when there is one."""
+    """Prefill and decode times of greedy generation (an encoder: its forward pass, as prefill), plus adapter
+    switch and load costs when there is one."""
     prompt = _random_ids(model, settings.prompt_tokens, seed=0)
-
-    def run():
-        return model.generate(prompt, adapter=adapter, max_new_tokens=settings.decode_tokens, ignore_eos=True)
-
     for _ in range(settings.warmup):
-        run()
-    runs = [run() for _ in range(settings.runs)]
-    prefill = [r.prefill_ms for r in runs]
-    decode = [r.decode_ms_per_token for r in runs]
+        timed_run(model, prompt, adapter, settings)
+    prefill, decode = zip(*(timed_run(model, prompt, adapter, settings) for _ in range(settings.runs)))
     metrics = {
         "prefill_ms": float(np.median(prefill)),
         "prefill_p95_ms": float(np.percentile(prefill, 95)),
-        "decode_ms_per_token": float(np.median(decode)),
-        "decode_p95_ms_per_token": float(np.percentile(decode, 95)),
     }
+    if decode[0] is not None:
+        metrics["decode_ms_per_token"] = float(np.median(decode))
+        metrics["decode_p95_ms_per_token"] = float(np.percentile(decode, 95))
     if adapter is not None:
         metrics["cold_load_ms"] = cold_load_ms(model, adapter, settings.runs)
         metrics["hot_swap_us"] = hot_swap_us(model, model.adapters)
     return metrics
+
+
+def timed_run(model, prompt: list[int], adapter, settings: LatencySettings) -> tuple[float, float | None]:
+    """(prefill ms, decode ms per token) of one greedy generation; an encoder's whole work is one forward
+    pass over the prompt, which counts as its prefill, and it has no decode (None)."""
+    if model.manifest.task == "causal-lm":
+        r = model.generate(prompt, adapter=adapter, max_new_tokens=settings.decode_tokens, ignore_eos=True)
+        return r.prefill_ms, r.decode_ms_per_token
+    t0 = time.perf_counter()
+    model.encoder_output([prompt], adapter=adapter)
+    return (time.perf_counter() - t0) * 1e3, None
 
 
 def compare(model, targets: list, settings: LatencySettings) -> dict:
@@ -72,12 +79,16 @@ def compare(model, targets: list, settings: LatencySettings) -> dict:
     runs: dict = {name: [] for name in labels}
     for i in range(settings.warmup + settings.runs):
         for target, name in zip(targets, labels):
-            r = model.generate(prompt, adapter=target, max_new_tokens=settings.decode_tokens, ignore_eos=True)
+            timings = timed_run(model, prompt, target, settings)
             if i >= settings.warmup:
-                runs[name].append(r)
-    return {label: {"prefill_ms": float(np.median([r.prefill_ms for r in rs])),
-                    "decode_ms_per_token": float(np.median([r.decode_ms_per_token for r in rs]))}
-            for label, rs in runs.items()}
+                runs[name].append(timings)
+    rows = {}
+    for name, samples in runs.items():
+        prefill, decode = zip(*samples)
+        rows[name] = {"prefill_ms": float(np.median(prefill))}
+        if decode[0] is not None:
+            rows[name]["decode_ms_per_token"] = float(np.median(decode))
+    return rows
 
 
 def cold_load_ms(model, adapter: str, runs: int) -> float:

@@ -181,6 +181,28 @@ def test_cli_embed_and_inspect(minilm, tmp_path):
     assert code == 2 and "quality.min_greedy_agreement does not apply to a feature-extraction package" in text
 
 
+def test_check_and_bench_time_an_encoder_forward_pass(minilm, tmp_path):
+    """An encoder's work is one forward pass: `check` and `bench` time it as prefill, and refuse decode budgets."""
+    import json
+
+    budget = tmp_path / "latency.toml"
+    budget.write_text("[latency]\nruns = 2\nprompt_tokens = 16\nprefill_ms = 60000\nhot_swap_us = 1e6\n")
+    code, text, _ = run_cli("check", minilm.package, "--budget", budget, "--json")
+    assert code == 0, text
+    latency = json.loads(text)["metrics"]["latency"]
+    assert 0 < latency["prefill_ms"] < 60000 and "decode_ms_per_token" not in latency
+    budget.write_text("[latency]\ndecode_ms_per_token = 5\n")
+    code, _, text = run_cli("check", minilm.package, "--budget", budget)
+    assert code == 2 and "latency.decode_ms_per_token: a feature-extraction package decodes nothing" in text
+    code, text, _ = run_cli("bench", minilm.package, "--runs", "2", "--prompt-tokens", "16", "--json")
+    assert code == 0, text
+    rows = json.loads(text)["targets"]
+    assert set(rows) == {"(base)", "a"} and all(set(r) == {"prefill_ms"} for r in rows.values())
+    code, text, _ = run_cli("bench", minilm.package, "--runs", "2", "--prompt-tokens", "16")
+    assert code == 0 and "decode" not in text and text.splitlines()[0].split() == ["target", "prefill", "ms", "vs",
+                                                                                 "base"]
+
+
 CLS_ADAPTERS = {
     "qv": dict(r=4, alpha=8, targets=("query", "value")),
     "all": dict(r=8, alpha=4, targets=("query", "key", "value", "dense", "classifier"), use_rslora=True),
