@@ -138,7 +138,7 @@ def main() -> None:
         f" (one run; {args.rounds} rounds, variants interleaved, each in its own process; medians). Model: the "
         "SmolLM-135M-shaped Llama of bench/decode.py with its rank-16 adapter on all seven projections (210 slots); "
         f"{decode.PROMPT_TOKENS}-token prompt, {decode.NEW_TOKENS} new tokens, greedy; int4 in blocks of {BLOCK}, "
-        "accuracy level 4 for the int4 base. 2-core machine shared with other jobs.",
+        "accuracy level 4 for the int4 base.",
         "",
         "| variant | decode ms/token | vs fp32 base, no adapter | graph bytes | adapter bytes |",
         "|---|---|---|---|---|",
