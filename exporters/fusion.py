@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from edgelora.errors import EdgeLoraError
 
-from .packing import pack_qkv
+from .packing import pack_qkv, pack_shared_inputs
 
 GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention refuses other head sizes at run time
 
@@ -48,6 +48,7 @@ def fuse_for_ort(proto: onnx.ModelProto, head_dim: int,
     fused = ir.to_proto(model)
     counts["untied_lm_head"] = untie_lm_head(fused)
     counts["packed_qkv"] = pack_qkv(fused)
+    counts["packed_matmuls"] = pack_shared_inputs(fused)
     counts["sliding_window_attention"] = set_attention_windows(fused, windows)
     got = ([i.name for i in fused.graph.input], [o.name for o in fused.graph.output])
     if got != names:

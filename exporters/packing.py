@@ -1,7 +1,9 @@
-"""Pack the query, key and value projections of each fused attention into one MatMul.
+"""Pack projections of the same input into one MatMul: q/k/v of each fused attention, and the rest (gate/up).
 
-A decode step on a CPU pays per node more than per multiply (see fusion.py), and three narrow
-products of the same input also keep onnxruntime's thread pool busier than one wide one.
+A decode step on a CPU pays per node more than per multiply (see fusion.py), and a few narrow
+products of the same input keep onnxruntime's thread pool busier than one wide one: packing a Llama
+MLP's gate and up projections (a Split after the one MatMul, so no node less) made int4 decode of
+the 135M model 6% faster.
 onnxruntime's GroupQueryAttention takes the packed ``[q | k | v]`` as its query when key and value
 are left out, as in onnxruntime-genai's graphs. The packing runs on the float graph, before base
 quantization, so MatMulNBits quantizes the packed weight like any other.
@@ -138,3 +140,39 @@ def _packed(attention, parts: list[Projection]) -> tuple[list, list]:
             nodes.append(helper.make_node("Add", [split[i], delta], [split[i] + ".adapted"]))
             attention.input[i] = split[i] + ".adapted"
     return nodes, weights
+
+
+def pack_shared_inputs(proto: onnx.ModelProto) -> int:
+    """Rewrite, in place, every group of weight products of one input into one MatMul and a Split whose outputs
+    keep the old names, so every consumer (slot deltas included) stays as it was; returns how many groups."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        if _is_weight_product(node, inits) and uses[node.input[1]] == 1:
+            groups.setdefault(node.input[0], []).append(node)
+    groups = {x: g for x, g in groups.items() if len(g) > 1 and len({tuple(inits[n.input[1]].dims[:1]) for n in g}) == 1}
+    if not groups:
+        return 0
+    first = {id(g[0]): g for g in groups.values()}
+    removed = {id(n) for g in groups.values() for n in g}
+    new_nodes, new_inits = [], []
+    for node in graph.node:
+        if id(node) in first:
+            group = first[id(node)]
+            weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+            prefix = group[0].output[0] + ".packed"
+            new_inits += [numpy_helper.from_array(np.concatenate(weights, axis=1), prefix + ".weight"),
+                          numpy_helper.from_array(np.asarray([w.shape[1] for w in weights], np.int64), prefix + ".widths")]
+            new_nodes += [helper.make_node("MatMul", [node.input[0], prefix + ".weight"], [prefix]),
+                          helper.make_node("Split", [prefix, prefix + ".widths"], [n.output[0] for n in group], axis=-1)]
+        elif id(node) not in removed:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    return len(groups)

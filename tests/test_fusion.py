@@ -54,7 +54,7 @@ def test_group_query_attention_graph_matches_peft(gqa_llama):
         model.logits(ids, attention_mask=[[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
 
 
-# (family, adapter): PEFT's default q/v targets (the packed product is split), every linear layer on a base
+# (family, adapter): PEFT's default q/v targets (the packed q/k/v product is split), every linear layer on a base
 # with q/k/v biases (the deltas concatenated after the packed bias), and Mistral's sliding window of 4
 @pytest.mark.parametrize("family, adapter", [("llama", "plain"), ("qwen2", "rs"), ("gemma", "plain"),
                                              ("mistral", "plain")])
@@ -68,7 +68,8 @@ def test_fused_attention_families_match_peft_over_a_long_context(tmp_path, famil
     fusions = load_manifest(built.package).graph["fusions"]
     assert fusions["gqa"] == fusions["packed_qkv"] == layers
     assert fusions.get("sliding_window_attention", 0) == (layers if family == "mistral" else 0)
-    assert op_counts(built.package / "model.onnx")["Split"] == (layers if adapter == "plain" else 0)
+    assert fusions["packed_matmuls"] == layers  # the MLP's gate and up projections, split after one MatMul
+    assert op_counts(built.package / "model.onnx")["Split"] == layers * (2 if adapter == "plain" else 1)
     prompt = [1, 40, 8, 15, 15, 18, 30, 26, 5, 6, 7]
     model = EdgeModel.open(built.package)
     for name in (None, adapter):
