@@ -82,6 +82,16 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, the sliding window of its attention or None: from ``layer_types`` where the config has
+    them (Qwen2, Qwen3, Gemma 2), else the one ``sliding_window`` for every layer (Mistral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * config.num_hidden_layers
+
+
 def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
                  block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
     """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest.
@@ -92,8 +102,9 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     config = model.config
     layers = config.num_hidden_layers
     kv_heads, head_dim = cache_shape(config)
+    windows = sliding_windows(config)  # the whole model's, read before any trace shrinks it
     export = dict(path=path, adapter_dtype=adapter_dtype, block=block, quantize=quantize,
-                  accuracy_level=accuracy_level, head_dim=head_dim)
+                  accuracy_level=accuracy_level, fuse=lambda proto: fuse_for_ort(proto, head_dim, windows))
     repeat = repeat_layers.plan(model, [s.name for s in slots])
     fusions = None
     if repeat is not None:
@@ -121,7 +132,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
 
 
 def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str, block: int, quantize: str,
-            accuracy_level: int | None, head_dim: int, repeat: repeat_layers.Plan | None = None) -> dict:
+            accuracy_level: int | None, fuse, repeat: repeat_layers.Plan | None = None) -> dict:
     """Trace the model (only ``repeat.traced`` layers, when given) and write the whole model's graph."""
     layers = model.config.num_hidden_layers
     inputs, outputs = io_names(layers)
@@ -142,7 +153,7 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
         wrapped = SlottedCausalLM(model.eval(), [s.name for s in traced_slots]).eval()
         args, dynamic_shapes = _example_inputs(model.config, traced_layers, traced_slots)
         return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, adapter_dtype,
-                              block, quantize, accuracy_level, fuse=lambda proto: fuse_for_ort(proto, head_dim),
+                              block, quantize, accuracy_level, fuse=fuse,
                               expand=expand, traced_io=traced_io, trace_label=label)
 
 

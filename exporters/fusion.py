@@ -24,11 +24,17 @@ from onnx import numpy_helper
 
 from edgelora.errors import EdgeLoraError
 
+from .packing import pack_qkv
+
 GQA_HEAD_MULTIPLE = 16  # onnxruntime's CPU GroupQueryAttention refuses other head sizes at run time
 
 
-def fuse_for_ort(proto: onnx.ModelProto, head_dim: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """The graph with onnxscript's ORT fusions and ours applied, and how many of each fusion it found."""
+def fuse_for_ort(proto: onnx.ModelProto, head_dim: int,
+                 windows: list[int | None]) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The graph with onnxscript's ORT fusions and ours applied, and how many of each fusion it found.
+
+    ``windows`` gives each layer's sliding attention window, or None where it attends to everything.
+    """
     import onnx_ir as ir
     from onnxscript.rewriter import rewrite
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -41,6 +47,8 @@ def fuse_for_ort(proto: onnx.ModelProto, head_dim: int) -> tuple[onnx.ModelProto
     model, counts = optimize_for_ort(model)
     fused = ir.to_proto(model)
     counts["untied_lm_head"] = untie_lm_head(fused)
+    counts["packed_qkv"] = pack_qkv(fused)
+    counts["sliding_window_attention"] = set_attention_windows(fused, windows)
     got = ([i.name for i in fused.graph.input], [o.name for o in fused.graph.output])
     if got != names:
         raise EdgeLoraError("graph fusion changed the graph's inputs or outputs; export with fusion off")
@@ -71,6 +79,25 @@ def _rotary_angles_as_matmul():
         return op.Transpose(op.MatMul(column, row), perm=[0, 2, 1])
 
     return pattern.RewriteRuleSet([pattern.RewriteRule(angles, as_matmul, check)], commute=True)
+
+
+def set_attention_windows(proto: onnx.ModelProto, windows: list[int | None]) -> int:
+    """Give each GroupQueryAttention its layer's sliding window; returns how many got one.
+
+    The fused attention ignores the graph's mask (it takes masks of ones), so the window the mask
+    carried in the unfused graph must become ``local_window_size``, or a Mistral-like model attends to
+    the whole cache once the context passes the window (0.5 off in the logits on a test model).
+    onnxruntime's window counts the token itself, as transformers' ``sliding_window`` does.
+    """
+    windowed = 0
+    for node in proto.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        layer = next(int(o.split(".")[1]) for o in node.output if o.startswith("present."))
+        if windows[layer] is not None:
+            node.attribute.append(onnx.helper.make_attribute("local_window_size", windows[layer]))
+            windowed += 1
+    return windowed
 
 
 def untie_lm_head(proto: onnx.ModelProto) -> int:

@@ -36,18 +36,69 @@ def gqa_llama(tmp_path_factory):
 
 def test_group_query_attention_graph_matches_peft(gqa_llama):
     from edgelora.errors import EdgeLoraError
+    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     ops = op_counts(gqa_llama.package / "model.onnx")
     layers = 4
     assert ops["GroupQueryAttention"] == layers and ops["MultiHeadAttention"] == 0
-    assert sum(ops.values()) <= layers * (13 + 3 * 7) + 16  # per layer: 13 base ops, 7 LoRA slots of 3 nodes
+    # per layer: 11 base ops (q, k and v packed into one MatMul), 7 LoRA slots of 3 nodes, one Concat of the
+    # three q/k/v deltas, which share one Add
+    assert sum(ops.values()) <= layers * (11 + 3 * 7 - 2 + 1) + 15
+    assert load_manifest(gqa_llama.package).graph["fusions"]["packed_qkv"] == layers
     model = EdgeModel.open(gqa_llama.package)
     ids = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], np.int64)
     for name in (None, "rs"):
         assert np.abs(model.logits(ids, adapter=name) - gqa_llama.reference_logits(name, ids)).max() <= 1e-4
     with pytest.raises(EdgeLoraError, match="attention masks of ones"):
         model.logits(ids, attention_mask=[[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+
+def test_packed_projections_with_slots_on_q_and_v_only_match_peft(tmp_path):
+    """PEFT's default targets (q and v, not k): the packed product is split so each slot adds its own delta."""
+    from edgelora.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
+
+    built = build(tmp_path, "llama", ["plain"], size="small")
+    layers = 4
+    assert load_manifest(built.package).graph["fusions"]["packed_qkv"] == layers
+    assert op_counts(built.package / "model.onnx")["Split"] == layers
+    model = EdgeModel.open(built.package)
+    ids = np.array([[1, 40, 8, 15, 15, 18, 98, 26]], np.int64)
+    for name in (None, "plain"):
+        assert np.abs(model.logits(ids, adapter=name) - built.reference_logits(name, ids)).max() <= 1e-4
+
+
+def test_group_query_attention_keeps_a_sliding_window(tmp_path):
+    """Mistral attends to the last ``sliding_window`` tokens only; the fused attention, which takes no real
+    mask, must keep that window in prefill and in single steps past it."""
+    from edgelora.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
+
+    built = build(tmp_path, "mistral", ["plain"], size="small")
+    window = built.base.config.sliding_window
+    assert load_manifest(built.package).graph["fusions"]["sliding_window_attention"] == 4
+    prompt = [1, 40, 8, 15, 15, 18, 30, 26, 5, 6, 7]
+    assert len(prompt) > 2 * window
+    model = EdgeModel.open(built.package)
+    for name in (None, "plain"):
+        assert np.abs(model.logits([prompt], adapter=name) - built.reference_logits(name, [prompt])).max() <= 1e-4
+    ids = list(prompt)
+    for _ in range(4):
+        ids.append(int(np.argmax(built.reference_logits("plain", [ids])[0, -1])))
+    assert model.generate(prompt, adapter="plain", max_new_tokens=4, ignore_eos=True).token_ids == ids[len(prompt):]
+
+
+def test_sliding_windows_per_layer_follow_the_config():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from edgelora.exporters.causal_lm import sliding_windows
+
+    assert sliding_windows(LlamaConfig(num_hidden_layers=2)) == [None, None]
+    assert sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=8)) == [8, 8]
+    qwen2 = Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert sliding_windows(qwen2) == [None, 8, 8]
+    assert sliding_windows(Qwen2Config(num_hidden_layers=2, sliding_window=8)) == [None, None]
 
 
 def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):

@@ -199,3 +199,41 @@ def test_merge_then_quantize_beats_quantize_then_merge():
     merge_then_quantize = np.linalg.norm(int4(merged) - merged)
     quantize_then_merge = np.linalg.norm(int4(int4(w) + delta) - merged)
     assert merge_then_quantize < 0.8 * quantize_then_merge
+
+
+def embedding_adapter_package(tmp_path, dtype: str):
+    """(PEFT model, base model, package) for a LoRA on the embedding (vocabulary 100) and a pair of projections."""
+    from conftest import make_adapter
+
+    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.tiny_models import build_causal_lm
+
+    base = build_causal_lm(tmp_path / "base", size="tiny", seed=0)
+    peft_model = make_adapter(base, tmp_path / "a", "embedding", seed=7)
+    export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg", progress=False, adapter_dtype=dtype)
+    return peft_model, base, tmp_path / "pkg"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_quantized_embedding_slots_against_peft(tmp_path, dtype):
+    """An embedding slot looks its factor up (Gather) instead of multiplying by it: the int8 codec, which
+    scales the product rather than the factor, must serve that path too."""
+    import torch
+
+    from edgelora.runtime import EdgeModel
+
+    peft_model, base, package = embedding_adapter_package(tmp_path, dtype)
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(IDS)).logits.numpy()
+        base_logits = base(torch.as_tensor(IDS)).logits.numpy()
+    got = EdgeModel.open(package).logits(IDS, adapter="a")
+    assert np.linalg.norm(want - base_logits) / np.linalg.norm(want) > 0.01  # the adapter matters
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= {"fp16": 1e-3, "int8": 2e-2}[dtype]
+
+
+def test_int4_embedding_slot_needs_blocks_that_divide_the_vocabulary(tmp_path):
+    """int4 blocks run along the reduction axis, which for an embedding slot is the vocabulary."""
+    from edgelora.errors import EdgeLoraError
+
+    with pytest.raises(EdgeLoraError, match="int4 blocks of 32 do not divide a reduction size of 100; use int8"):
+        embedding_adapter_package(tmp_path, "int4")
