@@ -23,7 +23,7 @@ CASES = {
     "gemma2-sliding": ("gemma2", 8, {}, dict(targets=("q_proj", "v_proj", "down_proj")), "tracing 5 of 8 layers"),
     # attention scaled by 1/(layer index + 1): the traced layers differ, so every layer is traced
     "gpt2-scaled-by-layer": ("gpt2", 5, {"scale_attn_by_inverse_layer_idx": True},
-                             dict(targets=("c_attn", "c_fc")), "trace to different graphs: tracing every layer"),
+                             dict(targets=("c_attn", "c_proj", "c_fc")), "trace to different graphs: tracing every layer"),
 }
 
 
