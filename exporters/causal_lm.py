@@ -139,7 +139,7 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
     lora_names = [n for s in slots for n in (s.a, s.b)]
     if repeat is None:
         traced_slots, traced_layers, expand, traced_io = slots, layers, None, None
-        label = f"tracing {layers} layers"
+        labels = (f"tracing {layers} layers", "")
     else:
         traced_slots = [t for t in map(repeat.small_slot, slots) if t is not None]
         traced_layers = len(repeat.traced)
@@ -148,13 +148,13 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
         expand = lambda proto: repeat_layers.expand(proto, repeat, inputs + lora_names, outputs, weights)  # noqa: E731
         small_in, small_out = io_names(traced_layers)
         traced_io = (small_in + [n for s in traced_slots for n in (s.a, s.b)], small_out)
-        label = f"tracing {traced_layers} of {layers} layers"
+        labels = (f"tracing {traced_layers} of {layers} layers", f"copying the other {layers - traced_layers}")
     with repeat_layers.shrunk(model, repeat) if repeat is not None else nullcontext():
         wrapped = SlottedCausalLM(model.eval(), [s.name for s in traced_slots]).eval()
         args, dynamic_shapes = _example_inputs(model.config, traced_layers, traced_slots)
         return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, adapter_dtype,
                               block, quantize, accuracy_level, fuse=fuse,
-                              expand=expand, traced_io=traced_io, trace_label=label)
+                              expand=expand, traced_io=traced_io, labels=labels)
 
 
 def _example_inputs(config, layers: int, slots: list[Slot]) -> tuple[tuple, tuple]:

@@ -38,7 +38,11 @@ def note(text: str) -> None:
 def phase(name: str):
     note(name)
     t0 = time.perf_counter()
-    yield
-    line = _line.get()
-    if line:
-        print(f" {time.perf_counter() - t0:.1f}s", end="", file=line[0], flush=True)
+    ended = " stopped"
+    try:
+        yield
+        ended = f" {time.perf_counter() - t0:.1f}s"
+    finally:
+        line = _line.get()
+        if line:
+            print(ended, end="", file=line[0], flush=True)

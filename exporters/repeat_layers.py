@@ -288,7 +288,7 @@ def expand(proto: onnx.ModelProto, p: Plan, inputs: list[str], outputs: list[str
         for x in sorted(used):
             if x in small_inits:
                 new_inits.append(_weight(small_inits[x], real_source(x, i), weights))
-            elif layers.sources[x][0] != PAST:
+            elif layers.sources[x][0] != PAST and _rank_dim(graph, x):
                 rank_dims[_rank_dim(graph, x)] = "rank_" + real_source(x, i).rsplit(".", 1)[0]
         for node in layers.layer_nodes[j]:
             for o in node.output:
@@ -337,9 +337,9 @@ def _weight(small: onnx.TensorProto, name: str, weights: dict) -> onnx.TensorPro
     return numpy_helper.from_array(array, name)
 
 
-def _rank_dim(graph: onnx.GraphProto, slot_input: str) -> str:
+def _rank_dim(graph: onnx.GraphProto, slot_input: str) -> str | None:
     value = next(v for v in graph.input if v.name == slot_input)
-    return next(d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param)
+    return next((d.dim_param for d in value.type.tensor_type.shape.dim if d.dim_param), None)
 
 
 def _renamed_info(info: onnx.ValueInfoProto, name: str, rank_dims: dict[str, str]) -> onnx.ValueInfoProto | None:

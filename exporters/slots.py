@@ -125,7 +125,7 @@ def example_factors(slots: list[Slot]) -> tuple[list[torch.Tensor], list[dict], 
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
                    accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
-                   trace_label: str = "tracing") -> dict[str, int]:
+                   labels: tuple[str, str] = ("tracing", "")) -> dict[str, int]:
     """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts.
 
     ``fuse`` (proto -> (proto, counts)) rewrites the traced graph into onnxruntime's fused ops; it runs
@@ -133,10 +133,11 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     rewritten to take ``adapter_dtype`` factors with the dequantization in the graph, so one trace
     serves every codec. ``expand`` (proto -> proto) turns a graph traced from part of the model, with
     the I/O names ``traced_io`` (inputs, outputs), into the whole model's graph before the fusion.
+    ``labels`` name the trace and the expansion on the progress line (``phases``).
     """
     traced_in, traced_out = traced_io or (inputs + lora_names, outputs)
     try:
-        with torch.no_grad(), quiet_exporter(), phase(trace_label):
+        with torch.no_grad(), quiet_exporter(), phase(labels[0]):
             program = torch.onnx.export(
                 wrapped,
                 args,
@@ -153,7 +154,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     proto = program.model_proto
     _check_io(proto, traced_in, traced_out)
     if expand is not None:
-        with phase("repeating them"):
+        with phase(labels[1]):
             proto = expand(proto)
         _check_io(proto, inputs + lora_names, outputs)
     fusions = {}
