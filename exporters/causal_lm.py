@@ -145,7 +145,10 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
         traced_layers = len(repeat.traced)
         weights = {**dict(model.named_parameters(remove_duplicate=False)),
                    **dict(model.named_buffers(remove_duplicate=False))}
-        expand = lambda proto: repeat_layers.expand(proto, repeat, inputs + lora_names, outputs, weights)  # noqa: E731
+
+        def expand(proto):
+            return repeat_layers.expand(proto, repeat, inputs + lora_names, outputs, weights)
+
         small_in, small_out = io_names(traced_layers)
         traced_io = (small_in + [n for s in traced_slots for n in (s.a, s.b)], small_out)
         labels = (f"tracing {traced_layers} of {layers} layers", f"copying the other {layers - traced_layers}")
