@@ -5,6 +5,7 @@ optimum / onnxruntime-genai naming convention.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 from edgelora.errors import EdgeLoraError
 from edgelora.manifest import Slot
 
+from . import repeat_layers
 from .fusion import fuse_for_ort
+from .phases import note
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
 
 FAMILIES = {
@@ -91,35 +94,27 @@ def sliding_windows(config) -> list[int | None]:
 
 def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
                  block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
-    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest."""
+    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest.
+
+    A deep model is traced with a few of its layers and the rest repeated in ONNX (``repeat_layers``);
+    when the traced layers do not prove the others alike, with every layer.
+    """
     config = model.config
     layers = config.num_hidden_layers
     kv_heads, head_dim = cache_shape(config)
-    wrapped = SlottedCausalLM(model.eval(), [s.name for s in slots]).eval()
-
-    # Example sizes avoid 0 and 1, which torch.export would specialize into constants.
-    batch, seq, past_len = 2, 3, 4
-    dim_batch = torch.export.Dim("batch", max=1024)
-    dim_seq = torch.export.Dim("sequence_length", max=65536)
-    dim_past = torch.export.Dim("past_sequence_length", min=1, max=65536)
-    dim_total = torch.export.Dim("total_sequence_length", max=131072)
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
-    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
-    position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
-    past = [torch.randn(batch, kv_heads, past_len, head_dim, generator=gen) for _ in range(2 * layers)]
-    lora, lora_shapes, lora_names = example_factors(slots)
-    dynamic_shapes = (
-        {0: dim_batch, 1: dim_seq},
-        {0: dim_batch, 1: dim_total},
-        {0: dim_batch, 1: dim_seq},
-        [{0: dim_batch, 2: dim_past}] * (2 * layers),
-        lora_shapes,
-    )
+    windows = sliding_windows(config)  # the whole model's, read before any trace shrinks it
+    export = dict(path=path, adapter_dtype=adapter_dtype, block=block, quantize=quantize,
+                  accuracy_level=accuracy_level, fuse=lambda proto: fuse_for_ort(proto, head_dim, windows))
+    repeat = repeat_layers.plan(model, [s.name for s in slots])
+    fusions = None
+    if repeat is not None:
+        try:
+            fusions = _export(model, slots, repeat=repeat, **export)
+        except repeat_layers.NotAlike as e:
+            note(f"{e}: tracing every layer")
+    if fusions is None:
+        fusions = _export(model, slots, **export)
     inputs, outputs = io_names(layers)
-    fusions = export_slotted(wrapped, (input_ids, attention_mask, position_ids, past, lora, {}), dynamic_shapes,
-                             inputs, outputs, lora_names, path, adapter_dtype, block, quantize, accuracy_level,
-                             fuse=lambda proto: fuse_for_ort(proto, head_dim, sliding_windows(config)))
     return {
         "file": path.name,
         "inputs": inputs,
@@ -134,3 +129,57 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "accuracy_level": accuracy_level,
         "fusions": fusions,
     }
+
+
+def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str, block: int, quantize: str,
+            accuracy_level: int | None, fuse, repeat: repeat_layers.Plan | None = None) -> dict:
+    """Trace the model (only ``repeat.traced`` layers, when given) and write the whole model's graph."""
+    layers = model.config.num_hidden_layers
+    inputs, outputs = io_names(layers)
+    lora_names = [n for s in slots for n in (s.a, s.b)]
+    if repeat is None:
+        traced_slots, traced_layers, expand, traced_io = slots, layers, None, None
+        labels = (f"tracing {layers} layers", "")
+    else:
+        traced_slots = [t for t in map(repeat.small_slot, slots) if t is not None]
+        traced_layers = len(repeat.traced)
+        weights = {**dict(model.named_parameters(remove_duplicate=False)),
+                   **dict(model.named_buffers(remove_duplicate=False))}
+
+        def expand(proto):
+            return repeat_layers.expand(proto, repeat, inputs + lora_names, outputs, weights)
+
+        small_in, small_out = io_names(traced_layers)
+        traced_io = (small_in + [n for s in traced_slots for n in (s.a, s.b)], small_out)
+        labels = (f"tracing {traced_layers} of {layers} layers", f"copying the other {layers - traced_layers}")
+    with repeat_layers.shrunk(model, repeat) if repeat is not None else nullcontext():
+        wrapped = SlottedCausalLM(model.eval(), [s.name for s in traced_slots]).eval()
+        args, dynamic_shapes = _example_inputs(model.config, traced_layers, traced_slots)
+        return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, adapter_dtype,
+                              block, quantize, accuracy_level, fuse=fuse,
+                              expand=expand, traced_io=traced_io, labels=labels)
+
+
+def _example_inputs(config, layers: int, slots: list[Slot]) -> tuple[tuple, tuple]:
+    """Example inputs of a model with ``layers`` layers and these slots, and their dynamic shapes."""
+    kv_heads, head_dim = cache_shape(config)
+    # Example sizes avoid 0 and 1, which torch.export would specialize into constants.
+    batch, seq, past_len = 2, 3, 4
+    dim_batch = torch.export.Dim("batch", max=1024)
+    dim_seq = torch.export.Dim("sequence_length", max=65536)
+    dim_past = torch.export.Dim("past_sequence_length", min=1, max=65536)
+    dim_total = torch.export.Dim("total_sequence_length", max=131072)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
+    position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
+    past = [torch.randn(batch, kv_heads, past_len, head_dim, generator=gen) for _ in range(2 * layers)]
+    lora, lora_shapes, _ = example_factors(slots)
+    dynamic_shapes = (
+        {0: dim_batch, 1: dim_seq},
+        {0: dim_batch, 1: dim_total},
+        {0: dim_batch, 1: dim_seq},
+        [{0: dim_batch, 2: dim_past}] * (2 * layers),
+        lora_shapes,
+    )
+    return (input_ids, attention_mask, position_ids, past, lora, {}), dynamic_shapes

@@ -21,6 +21,7 @@ from edgelora.manifest import AdapterEntry, Manifest, Quality, Slot, load_manife
 from edgelora.progress import Steps
 from edgelora.sidecar import write_sidecar
 
+from . import phases
 from .peft_ingest import ingest_peft, source_bytes
 
 TOKENIZER_FILES = (
@@ -208,16 +209,18 @@ def export_package(
     quant = f", base {quantize}" if quantize != "none" else ""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
-            graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize,
-                                          accuracy_level)
+            with phases.shown(steps.stream if progress else None):
+                graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize,
+                                              accuracy_level)
         entries = {}
         if merged:
             base = base_tensors(tmp / "model.onnx")
             for name, f in factors.items():
                 path = tmp / "merged" / name / "model.onnx"
                 with steps.step(f"exporting merged graph {name}{quant}"):
-                    exporter.export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size, quantize,
-                                          accuracy_level)
+                    with phases.shown(steps.stream if progress else None):
+                        exporter.export_graph(merged_copy(model, f, name), [], path, adapter_dtype, block_size,
+                                              quantize, accuracy_level)
                     share_base_tensors(path, base)
                 entries[name] = AdapterEntry(
                     file=str(path.relative_to(tmp)), sha256=sha256_file(path), bytes=graph_bytes(path),

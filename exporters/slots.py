@@ -20,6 +20,7 @@ from edgelora.errors import EdgeLoraError
 from edgelora.manifest import Slot
 
 from .base_quant import quantize_base
+from .phases import phase
 
 OPSET = 21  # int4 slots unpack with BitwiseAnd, which needs ≥ 18
 EXAMPLE_RANK = 2  # example sizes avoid 0 and 1, which torch.export would specialize into constants
@@ -123,22 +124,26 @@ def example_factors(slots: list[Slot]) -> tuple[list[torch.Tensor], list[dict], 
 
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
-                   accuracy_level: int | None, fuse=None) -> dict[str, int]:
+                   accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
+                   labels: tuple[str, str] = ("tracing", "")) -> dict[str, int]:
     """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts.
 
     ``fuse`` (proto -> (proto, counts)) rewrites the traced graph into onnxruntime's fused ops; it runs
     the exporter's optimizer itself, so the trace skips it. Slots are traced as float inputs, then
     rewritten to take ``adapter_dtype`` factors with the dequantization in the graph, so one trace
-    serves every codec.
+    serves every codec. ``expand`` (proto -> proto) turns a graph traced from part of the model, with
+    the I/O names ``traced_io`` (inputs, outputs), into the whole model's graph before the fusion.
+    ``labels`` name the trace and the expansion on the progress line (``phases``).
     """
+    traced_in, traced_out = traced_io or (inputs + lora_names, outputs)
     try:
-        with torch.no_grad(), quiet_exporter():
+        with torch.no_grad(), quiet_exporter(), phase(labels[0]):
             program = torch.onnx.export(
                 wrapped,
                 args,
                 dynamic_shapes=dynamic_shapes,
-                input_names=inputs + lora_names,
-                output_names=outputs,
+                input_names=traced_in,
+                output_names=traced_out,
                 opset_version=OPSET,
                 dynamo=True,
                 optimize=fuse is None,
@@ -147,23 +152,31 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     finally:
         wrapped.release()
     proto = program.model_proto
-    _check_io(proto, inputs + lora_names, outputs)
+    _check_io(proto, traced_in, traced_out)
+    if expand is not None:
+        with phase(labels[1]):
+            proto = expand(proto)
+        _check_io(proto, inputs + lora_names, outputs)
     fusions = {}
     if fuse is not None:
-        with quiet_exporter():  # onnx_ir logs each pass at INFO, with stack traces, once anyone configured logging
+        with quiet_exporter(), phase("fusing"):  # onnx_ir logs each pass at INFO, with stack traces
             proto, fusions = fuse(proto)
     _rename_dynamic_dims(proto)
-    codec.encode_slots(proto, lora_names, adapter_dtype, block)
-    proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
+    with phase(f"{adapter_dtype} slots"):
+        codec.encode_slots(proto, lora_names, adapter_dtype, block)
+    if quantize != "none":
+        with phase(f"quantizing the base {quantize}"):
+            proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=1024,
-    )
+    with phase("saving"):
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     return fusions
 
 

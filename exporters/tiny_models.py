@@ -65,8 +65,9 @@ def save_char_tokenizer(out_dir: Path) -> None:
 
 
 def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tiny", seed: int = 0,
-                    with_tokenizer: bool = True, initializer_range: float = 0.02):
+                    with_tokenizer: bool = True, initializer_range: float = 0.02, layers: int | None = None):
     """A random-weight base model folder, as `save_pretrained` writes it; returns the model.
+    ``layers`` overrides the size's number of decoder layers.
 
     At the usual ``initializer_range`` of 0.02 the logits are nearly flat, so top-1 flips on noise;
     quality probes use a larger range to get margins like a trained model's.
@@ -77,7 +78,8 @@ def build_causal_lm(out_dir: str | Path, family: str = "llama", size: str = "tin
 
     hf_logging.disable_progress_bar()
     config_cls, model_cls = (getattr(transformers, n) for n in CONFIGS[family])
-    hidden, inter, layers, heads, kv_heads = SIZES[size]
+    hidden, inter, size_layers, heads, kv_heads = SIZES[size]
+    layers = layers or size_layers
     sizes = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                  num_key_value_heads=kv_heads, max_position_embeddings=512)
     if family == "gpt2":  # no grouped-query attention; the MLP width is n_inner
