@@ -122,6 +122,25 @@ def example_factors(slots: list[Slot]) -> tuple[list[torch.Tensor], list[dict], 
     return lora, shapes, names
 
 
+@contextmanager
+def conv1d_as_matmul():
+    """Trace GPT-2's Conv1D as ``x @ W + b`` on the 3-D input, as a Linear traces, instead of its
+    ``view -> addmm -> view``.
+
+    On an unslotted Conv1D after the attention, onnxscript's attention fusion swallowed the 2-D
+    reshape and fed its 3-D output to the Gemm, a graph onnxruntime refuses to load; and
+    MatMulNBits quantizes MatMul weights, not Gemm's.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    forward = Conv1D.forward
+    Conv1D.forward = lambda self, x: torch.matmul(x, self.weight) + self.bias
+    try:
+        yield
+    finally:
+        Conv1D.forward = forward
+
+
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
                    accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
@@ -137,7 +156,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     """
     traced_in, traced_out = traced_io or (inputs + lora_names, outputs)
     try:
-        with torch.no_grad(), quiet_exporter(), phase(labels[0]):
+        with torch.no_grad(), quiet_exporter(), conv1d_as_matmul(), phase(labels[0]):
             program = torch.onnx.export(
                 wrapped,
                 args,

@@ -80,6 +80,18 @@ def test_fused_attention_families_match_peft_over_a_long_context(tmp_path, famil
     assert model.generate(prompt, adapter=adapter, max_new_tokens=4, ignore_eos=True).token_ids == ids[len(prompt):]
 
 
+def test_gpt2_with_unslotted_conv1d_layers_loads_and_matches_peft(tmp_path):
+    """Slots on c_attn and c_fc only: the attention's output projection stays a bare Conv1D after fusion."""
+    from edgelora.runtime import EdgeModel
+
+    built = build(tmp_path, "gpt2", ["plain"])
+    model = EdgeModel.open(built.package)
+    ids = np.array([[1, 40, 8, 15, 15, 18]], np.int64)
+    for name in (None, "plain"):
+        assert np.abs(model.logits(ids, adapter=name) - built.reference_logits(name, ids)).max() <= 1e-4
+    assert op_counts(built.package / "model.onnx")["Gemm"] == 0
+
+
 def test_sliding_windows_per_layer_follow_the_config():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
