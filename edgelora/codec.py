@@ -265,7 +265,8 @@ def encode_slots(proto: onnx.ModelProto, factor_inputs: list[str], dtype: str, b
     graph.node.extend(new_nodes + old_nodes)
 
 
-# Where a factor may sit in a node whose output's last axis is the factor's columns: a product scales by column.
+# (op, input index) where an unscaled factor may be used: the output's last axis is the factor's columns, so
+# scaling the output by column scales the factor.
 _COLUMN_PRESERVING = {("MatMul", 1), ("Gather", 0)}
 
 

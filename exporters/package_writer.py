@@ -312,7 +312,8 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
     with exclusive(package):  # a second add-adapter waits, then starts from the manifest with this one's adapter
         manifest = load_manifest(package)
         if manifest.mode == "merged":
-            raise EdgeLoraError(f"{package}: a merged package has one graph per adapter; re-export it with the new adapter")
+            raise EdgeLoraError(f"{package}: a merged package has one graph per adapter; "
+                                "re-export it with the new adapter")
         if adapter_dtype is not None and check_dtype(adapter_dtype) != manifest.adapter_dtype:
             raise EdgeLoraError(
                 f"{package}: the graph's LoRA slots take {manifest.adapter_dtype} factors, not {adapter_dtype}; "

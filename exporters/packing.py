@@ -52,22 +52,26 @@ def pack_qkv(proto: onnx.ModelProto) -> int:
     if not rewrites:
         return 0
     removed = {id(n) for _, parts in rewrites.values() for p in parts for n in p.nodes}
+    _rebuild(graph, {key: _packed(*rewrite) for key, rewrite in rewrites.items()}, removed)
+    return len(rewrites)
+
+
+def _rebuild(graph: onnx.GraphProto, before: dict[int, tuple[list, list]], removed: set[int]) -> None:
+    """The graph with (nodes, initializers) inserted before the nodes keyed by ``id`` in ``before``, the
+    ``removed`` nodes dropped, and the initializers nothing reads any more with them."""
     new_nodes, new_inits = [], []
     for node in graph.node:
-        if id(node) in removed:
-            continue
-        if id(node) in rewrites:
-            nodes, weights = _packed(*rewrites[id(node)])
-            new_nodes += nodes
-            new_inits += weights
-        new_nodes.append(node)
+        nodes, inits = before.get(id(node), ([], []))
+        new_nodes += nodes
+        new_inits += inits
+        if id(node) not in removed:
+            new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {name for node in graph.node for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
-    return len(rewrites)
 
 
 def _projection(name: str, producer: dict, inits: dict, uses: Counter) -> Projection | None:
@@ -119,7 +123,7 @@ def _packed(attention, parts: list[Projection]) -> tuple[list, list]:
     nodes = [helper.make_node("MatMul", [parts[0].x, prefix + ".weight"], [prefix + ".product"])]
     packed = prefix + ".product"
     if any(p.bias is not None for p in parts):
-        bias = np.concatenate([p.bias if p.bias is not None else np.zeros(w, np.float32) for p, w in zip(parts, widths)])
+        bias = np.concatenate([np.zeros(w, np.float32) if p.bias is None else p.bias for p, w in zip(parts, widths)])
         weights.append(numpy_helper.from_array(bias.astype(np.float32), prefix + ".bias"))
         nodes.append(helper.make_node("Add", [packed, prefix + ".bias"], [prefix + ".biased"]))
         packed = prefix + ".biased"
@@ -152,27 +156,20 @@ def pack_shared_inputs(proto: onnx.ModelProto) -> int:
     for node in graph.node:
         if _is_weight_product(node, inits) and uses[node.input[1]] == 1:
             groups.setdefault(node.input[0], []).append(node)
-    groups = {x: g for x, g in groups.items() if len(g) > 1 and len({tuple(inits[n.input[1]].dims[:1]) for n in g}) == 1}
+    groups = {x: g for x, g in groups.items() if len(g) > 1 and len({inits[n.input[1]].dims[0] for n in g}) == 1}
     if not groups:
         return 0
-    first = {id(g[0]): g for g in groups.values()}
-    removed = {id(n) for g in groups.values() for n in g}
-    new_nodes, new_inits = [], []
-    for node in graph.node:
-        if id(node) in first:
-            group = first[id(node)]
-            weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
-            prefix = group[0].output[0] + ".packed"
-            new_inits += [numpy_helper.from_array(np.concatenate(weights, axis=1), prefix + ".weight"),
-                          numpy_helper.from_array(np.asarray([w.shape[1] for w in weights], np.int64), prefix + ".widths")]
-            new_nodes += [helper.make_node("MatMul", [node.input[0], prefix + ".weight"], [prefix]),
-                          helper.make_node("Split", [prefix, prefix + ".widths"], [n.output[0] for n in group], axis=-1)]
-        elif id(node) not in removed:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    before = {id(group[0]): _packed_group(group, inits) for group in groups.values()}
+    _rebuild(graph, before, {id(n) for group in groups.values() for n in group})
     return len(groups)
+
+
+def _packed_group(group: list, inits: dict) -> tuple[list, list]:
+    """(nodes, initializers): one MatMul over the concatenated weights, split back into the group's outputs."""
+    weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+    prefix = group[0].output[0] + ".packed"
+    new_inits = [numpy_helper.from_array(np.concatenate(weights, axis=1), prefix + ".weight"),
+                 numpy_helper.from_array(np.asarray([w.shape[1] for w in weights], np.int64), prefix + ".widths")]
+    nodes = [helper.make_node("MatMul", [group[0].input[0], prefix + ".weight"], [prefix]),
+             helper.make_node("Split", [prefix, prefix + ".widths"], [n.output[0] for n in group], axis=-1)]
+    return nodes, new_inits
