@@ -104,6 +104,15 @@ def test_sliding_windows_per_layer_follow_the_config():
     assert sliding_windows(Qwen2Config(num_hidden_layers=2, sliding_window=8)) == [None, None]
 
 
+def test_slot_defaults_are_empty_so_runs_without_an_adapter_skip_the_products(gqa_llama):
+    """A run without an adapter takes each slot's default initializer: rank 0, which onnxruntime skips."""
+    graph = onnx.load(str(gqa_llama.package / "model.onnx"), load_external_data=False).graph
+    slot_inputs = {i.name for i in graph.input if ".lora_" in i.name}
+    defaults = [t for t in graph.initializer if t.name in slot_inputs]
+    assert len(defaults) == len(slot_inputs) == 4 * 7 * 2
+    assert all(0 in t.dims for t in defaults)
+
+
 def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):
     """Prefill, then a 2-token chunk after a cache (a chat's next turn), then single steps: as one forward pass."""
     from edgelora.runtime import EdgeModel
