@@ -168,13 +168,10 @@ def worker_torch(work: Path, reps: int) -> dict:
 
 def worker_swap(work: Path) -> dict:
     """Picking another resident adapter for a call (edgelora) against PEFT's ``set_adapter``."""
-    import warnings
-
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from edgelora.runtime import EdgeModel
+    from tenants import peft_set_adapter_seconds
 
     model = EdgeModel.open(work / "edgelora-int4")
     for name in ("a", "b"):
@@ -185,16 +182,7 @@ def worker_swap(work: Path) -> dict:
         model._bind("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + RunOptions
         edge.append(time.perf_counter() - t0)
     torch.set_num_threads(THREADS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
-        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
-        peft_model.load_adapter(str(work / "peft/b"), adapter_name="b")
-    peft = []
-    for i in range(200):
-        t0 = time.perf_counter()
-        peft_model.set_adapter("ab"[i % 2])
-        peft.append(time.perf_counter() - t0)
+    peft = peft_set_adapter_seconds(work, 200)
     return {"edgelora_swap_us": float(np.median(edge) * 1e6), "peft_swap_us": float(np.median(peft) * 1e6)}
 
 

@@ -45,11 +45,27 @@ def build(work: Path):
     export_package(work / "base", dirs, work / "pkg", progress=False)
 
 
+def peft_set_adapter_seconds(work: Path, rounds: int) -> list[float]:
+    """Seconds of each PEFT ``set_adapter`` switching between the adapters in ``work/peft/a`` and ``b``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(work / "base").eval()
+        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
+        peft_model.load_adapter(str(work / "peft/b"), adapter_name="b")
+    seconds = []
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        peft_model.set_adapter("ab"[i % 2])
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def hot_swap(work: Path, n=5000):
     import onnxruntime as ort
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from edgelora.runtime import EdgeModel
 
@@ -68,16 +84,7 @@ def hot_swap(work: Path, n=5000):
         m._bind(specs[2 if i % 2 else 0])
         composed.append(time.perf_counter() - t0)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(work / "base").eval()
-        peft_model = PeftModel.from_pretrained(base, str(work / "peft/a"), adapter_name="a")
-        peft_model.load_adapter(str(work / "peft/b"), adapter_name="b")
-    peft = []
-    for i in range(500):
-        t0 = time.perf_counter()
-        peft_model.set_adapter("ab"[i % 2])
-        peft.append(time.perf_counter() - t0)
+    peft = peft_set_adapter_seconds(work, 500)
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
