@@ -191,7 +191,7 @@ class _Parser:
 
 
 def evaluate(budgets: Budgets, sizes: dict[str, int], adapter_bytes: dict[str, int], latency: dict[str, float],
-             agreement: dict[str, tuple[float, str]], baseline: dict[str, float] | None) -> list[Result]:
+             agreement: dict[str, tuple[float, str, str]], baseline: dict[str, float] | None) -> list[Result]:
     """Every budget of the file as one Result, in the file's order of sections."""
     results = [_at_most(f"size.{k}", sizes[k], limit, "bytes") for k, limit in budgets.sizes.items()]
     for pattern, limit in budgets.adapter_sizes.items():
@@ -211,8 +211,8 @@ def evaluate(budgets: Budgets, sizes: dict[str, int], adapter_bytes: dict[str, i
         results.append(_at_most(name, latency[metric], factor * baseline[metric], unit,
                                 f"{factor:g} x baseline {format_value(baseline[metric], unit)}"))
     if budgets.min_greedy_agreement is not None:
-        for name, (value, dtype) in sorted(agreement.items()):
-            note = f"{dtype} adapter vs fp32 PyTorch, top-1 on the export's probe batch"
+        for name, (value, dtype, probe) in sorted(agreement.items()):
+            note = f"{dtype} adapter vs fp32 PyTorch, top-1 on {probe}"
             status = "pass" if value >= budgets.min_greedy_agreement else "fail"
             results.append(Result(f"quality.greedy_agreement.{name}", value, budgets.min_greedy_agreement, ">=",
                                   "ratio", status, note))

@@ -37,7 +37,7 @@ def run_check(package: Path, budget_file: Path, baseline_file: Path | None = Non
         baseline = load_baseline(baseline_file, budgets.latency_settings, adapter, list(budgets.relative))
     sizes, adapter_bytes = package_sizes(package, manifest)
     timings: dict[str, float] = {}
-    agreement: dict[str, tuple[float, str]] = {}
+    agreement: dict[str, tuple[float, str, str]] = {}  # per adapter: value, its dtype, what it was measured on
     wants_latency = budgets.needs_latency or save_baseline_file is not None
     if wants_latency or budgets.min_greedy_agreement is not None:
         from .runtime import EdgeModel
@@ -46,13 +46,13 @@ def run_check(package: Path, budget_file: Path, baseline_file: Path | None = Non
         if wants_latency:
             timings = latency(model, adapter, budgets.latency_settings)
         if budgets.min_greedy_agreement is not None:
-            agreement = {name: (greedy_agreement(model, name),
-                                manifest.adapters[name].dtype) for name in adapters}
+            agreement = {name: (greedy_agreement(model, name), manifest.adapters[name].dtype,
+                                manifest.quality[name].probe or "the export's probe batch") for name in adapters}
         if wants_latency:
             timings["peak_rss"] = peak_rss_bytes()
     if save_baseline_file is not None:
         save_baseline(save_baseline_file, timings, budgets.latency_settings, adapter, package)
     results = evaluate(budgets, sizes, adapter_bytes, timings, agreement, baseline)
     metrics = {"size": sizes, "adapter_bytes": adapter_bytes, "latency": timings,
-               "latency_adapter": adapter, "greedy_agreement": {n: v for n, (v, _) in agreement.items()}}
+               "latency_adapter": adapter, "greedy_agreement": {n: v for n, (v, *_) in agreement.items()}}
     return CheckRun(results, metrics)

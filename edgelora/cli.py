@@ -58,6 +58,20 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def parse_probe_specs(specs: tuple[str, ...], adapters: dict[str, str]) -> dict[str, str]:
+    """``NAME=FILE`` for one adapter; ``FILE`` (even with a "=" in it) for the base and the other adapters."""
+    probes: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in adapters and Path(spec).is_file():
+            name, path = "", spec
+        if name in probes:
+            raise EdgeLoraError(f"--probe-data {spec!r}: a second file for "
+                                + (f"adapter {name}" if name else "the base and the other adapters"))
+        probes[name] = path
+    return probes
+
+
 def parse_generate_adapters(specs: tuple[str, ...]):
     """``NAME`` -> the adapter; ``NAME:WEIGHT`` -> its strength; several -> their composition."""
     if not specs:
@@ -99,9 +113,14 @@ def main():
               help="MatMulNBits accuracy level (4: int8 compute, fastest on CPU).")
 @click.option("--mode", type=click.Choice(["separate", "merged"]), default="separate", show_default=True,
               help="merged: one graph per adapter with the delta folded in before quantization.")
+@click.option("--probe-data", "probes", multiple=True, metavar="[NAME=]FILE",
+              help="Prompt/completion JSONL (as `train` reads) to measure top-1 agreement on, over the "
+                   "completion tokens; NAME=FILE for one adapter, FILE for the base and the rest. "
+                   "Default: random ids.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, overwrite, quiet):
+def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, probes, overwrite,
+           quiet):
     """Export BASE_DIR (a Hugging Face causal LM or BERT-family encoder) with one LoRA slot per targeted module."""
     from .exporters.package_writer import export_package
 
@@ -109,7 +128,8 @@ def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accurac
     if len(specs) != len(adapters):
         raise EdgeLoraError("--adapter: the same name is given twice")
     export_package(base_dir, specs, out, overwrite=overwrite, progress=not quiet, adapter_dtype=adapter_dtype,
-                   block_size=int(block_size), quantize=quantize, accuracy_level=accuracy_level, mode=mode)
+                   block_size=int(block_size), quantize=quantize, accuracy_level=accuracy_level, mode=mode,
+                   probe_data=parse_probe_specs(probes, specs))
 
 
 @main.command("add-adapter")
@@ -155,6 +175,9 @@ def inspect(package):
             ratio = f"{a.bytes / a.source_bytes:.1%}" if a.source_bytes else "-"
             click.echo(f"  {name:<16} {a.rank:>4} {a.dtype:<6} {len(a.modules):>7} {human_bytes(a.bytes):>10} "
                        f"{human_bytes(a.source_bytes):>10} {ratio:>6} {err:>9} {top1:>6}")
+        probes = {name: q.probe for name, q in sorted(m.quality.items()) if q.probe}
+        if probes:
+            click.echo("probes      " + "; ".join(f"{name or '(base)'}: {p}" for name, p in probes.items()))
         total = m.base_bytes + sum(a.bytes for a in m.adapters.values())
         click.echo(f"total       {human_bytes(total)} (base + adapters)")
 
@@ -327,13 +350,16 @@ def train(base_dir, data, out, rank, alpha, targets, epochs, max_steps, lr, batc
               help="Where trained tenant adapters are kept and reused  [default: ~/.cache/edgelora/demo]")
 @click.option("--no-cache", is_flag=True, help="Train every tenant adapter again.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
-              help="Base weight quantization of the package (its adapters are int8).")
+              help="Base weight quantization of the package.")
+@click.option("--adapter-dtype", type=click.Choice(DTYPES), default="int8", show_default=True,
+              help="How the package stores the tenants' adapters.")
 @click.option("--quick", is_flag=True, help="A few training steps on small sets: checks the pipeline, not the skills.")
-def demo(out, cache_dir, no_cache, quantize, quick):
+def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
     """Train tenant adapters on the shipped base, export one package, and serve the tenants per request."""
     from .exporters.demo import run_demo
 
-    run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick)
+    run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick,
+             adapter_dtype=adapter_dtype)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class Quality:
     delta_rel_error: float | None = None  # of the stored delta; None for the base and for merged adapters
     top1_agreement: float | None = None  # causal LMs: greedy tokens that agree
     min_cosine: float | None = None  # embedding models: the least cosine between the two outputs
+    probe: str | None = None  # what was run: random ids, or a probe file and how many tokens it scored
 
 
 @dataclass

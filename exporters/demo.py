@@ -98,11 +98,11 @@ def serve(model, tests: dict[str, list]) -> dict[str, dict]:
     return rows
 
 
-def print_table(rows: dict[str, dict], swap_us: float, rss: int, quantize: str) -> None:
+def print_table(rows: dict[str, dict], swap_us: float, rss: int, quantize: str, adapter_dtype: str) -> None:
     from .demo_tasks import TENANTS
 
     head = (f"{'tenant':<8} {'task':<25} {'base EM':>7} {'PEFT EM':>7} {'edge EM':>7} "
-            f"{'adapter int8 / PEFT file':>26} {'decode ms/tok':>13}")
+            f"{'adapter ' + adapter_dtype + ' / PEFT file':>26} {'decode ms/tok':>13}")
     print("\n" + head + "\n" + "-" * len(head))
     for task, r in rows.items():
         size = f"{human_bytes(r['bytes'])} / {human_bytes(r['peft_bytes'])} ({r['bytes'] / r['peft_bytes']:.0%})"
@@ -110,11 +110,11 @@ def print_table(rows: dict[str, dict], swap_us: float, rss: int, quantize: str) 
               f"{size:>26} {r['decode_ms_per_token']:>13.3f}")
     print("-" * len(head))
     print(f"swap between resident tenants: {swap_us:.2f} µs (median); peak RSS of this process: {human_bytes(rss)} "
-          f"(PyTorch training and evaluation included); base {quantize}, adapters int8")
+          f"(PyTorch training and evaluation included); base {quantize}, adapters {adapter_dtype}")
 
 
 def run_demo(out: str | Path, cache_dir: str | Path | None = None, use_cache: bool = True, quantize: str = "int8",
-             quick: bool = False) -> dict:
+             quick: bool = False, adapter_dtype: str = "int8") -> dict:
     """Run the whole demo, print its table, and return its rows for callers (the tests) to check."""
     import numpy as np
     import torch
@@ -143,7 +143,8 @@ def run_demo(out: str | Path, cache_dir: str | Path | None = None, use_cache: bo
         print(f"  {task}: " + (f"trained in {seconds:.0f}s" if seconds is not None else f"reused {adapters[task]}"),
               flush=True)
     package = work / "package"
-    manifest = export_package(BASE, adapters, package, overwrite=True, adapter_dtype="int8", quantize=quantize)
+    manifest = export_package(BASE, adapters, package, overwrite=True, adapter_dtype=adapter_dtype, quantize=quantize,
+                              probe_data={task: test_file for task, (_, test_file) in files.items()})
 
     print("measuring held-out exact-match: base alone and PEFT in PyTorch, then the edge runtime", flush=True)
     tests = {task: read_examples(test_file) for task, (_, test_file) in files.items()}
@@ -161,7 +162,7 @@ def run_demo(out: str | Path, cache_dir: str | Path | None = None, use_cache: bo
         rows[task]["decode_ms_per_token"] = float(np.median(served["decode_ms"] or [float("nan")]))
     swap_us = hot_swap_us(model, list(tests))
     rss = peak_rss_bytes()
-    print_table(rows, swap_us, rss, quantize)
+    print_table(rows, swap_us, rss, quantize, adapter_dtype)
     seconds = time.perf_counter() - t_start
     first = next(iter(tests))
     print(f"demo took {seconds:.0f}s; try: edgelora generate {package} --adapter {first} "

@@ -23,6 +23,7 @@ from edgelora.sidecar import write_sidecar
 
 from . import phases
 from .peft_ingest import ingest_peft, source_bytes
+from .quality import Probe, agreement, delta_error, examples_probe, random_probe, summary, torch_forward
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -167,8 +168,12 @@ def export_package(
     quantize: str = "none",
     accuracy_level: int | None = None,
     mode: str = "separate",
+    probe_data: dict[str, str | Path] | None = None,
 ) -> Manifest:
-    """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in."""
+    """Export a package; in ``merged`` mode each adapter becomes its own graph with the delta folded in.
+
+    ``probe_data`` maps an adapter name to a prompt/completion JSONL file its quality is measured on;
+    the key "" is the file for the base and for every adapter without its own (default: random ids)."""
     from .merge import merged_copy
     from .shared_weights import base_tensors, share_base_tensors
     from .slots import slots_for
@@ -182,6 +187,7 @@ def export_package(
     for name in adapters:
         check_name(name)
     task = check_base_dir(base_dir)
+    probe_data = check_probe_data(probe_data or {}, adapters, task)
     exporter = graph_exporter(task)
     if out.exists() and not overwrite:
         raise EdgeLoraError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -191,6 +197,7 @@ def export_package(
         factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
         for f in factors.values() if not merged else ():
             adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
+        probes = read_probes(probe_data, base_dir)  # so does a bad probe file
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir, task)
         try:
@@ -257,43 +264,67 @@ def export_package(
             )
             manifest.save(tmp)
         with steps.step("measuring quality against fp32 on a probe batch"):
-            manifest.quality = quality_report(model, factors, tmp, manifest)
+            manifest.quality = quality_report(model, factors, tmp, manifest, probes)
             manifest.save(tmp)
     if progress:
         for name, q in manifest.quality.items():
             err = "" if q.delta_rel_error is None else f"delta rel. error {q.delta_rel_error:.2e}, "
             agree = (f"top-1 agreement {q.top1_agreement:.1%}" if q.top1_agreement is not None
                      else f"min. embedding cosine {q.min_cosine:.6f}")
-            print(f"  {name or '(base)'}: {err}{agree}", file=sys.stderr)
+            print(f"  {name or '(base)'}: {err}{agree} on {q.probe}", file=sys.stderr)
         print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
     return manifest
 
 
-def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest) -> dict[str, Quality]:
-    """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on a probe batch."""
+def check_probe_data(probe_data: dict[str, str | Path], adapters: dict, task: str) -> dict[str, Path]:
+    if probe_data and task != "causal-lm":
+        raise EdgeLoraError(f"--probe-data: prompt/completion examples probe a causal LM; a {task} package "
+                            "is probed with random ids")
+    for name in probe_data:
+        if name and name not in adapters:
+            raise EdgeLoraError(f"--probe-data {name}=...: no adapter {name} in this export "
+                                f"(adapters: {', '.join(sorted(adapters)) or 'none'})")
+    return {name: Path(path) for name, path in probe_data.items()}
+
+
+def read_probes(probe_data: dict[str, Path], base_dir: Path) -> dict[str, Probe]:
+    """Each file's probe, keyed like ``probe_data``; an empty dict when every probe is random ids."""
+    if not probe_data:
+        return {}
+    from .train import load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir)
+    return {name: examples_probe(path, tokenizer) for name, path in probe_data.items()}
+
+
+def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest,
+                   probes: dict[str, Probe]) -> dict[str, Quality]:
+    """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on its probe."""
     from edgelora.runtime import EdgeModel
 
     from .merge import with_adapter
-    from .quality import agreement, delta_error, probe_ids, torch_logits
 
     runtime = EdgeModel.open(package, verify=False)  # the blobs' sha256s were computed as they were written
-    ids = probe_ids(manifest.graph["vocab_size"])
     task, output = manifest.task, manifest.graph["outputs"][0]
+    default = probes.get("") or random_probe(manifest.graph["vocab_size"])
 
-    def package_output(adapter):
+    def package_forward(adapter):
         if task == "causal-lm":
-            return runtime.logits(ids, adapter=adapter)
-        return runtime.encoder_output(ids, adapter=adapter)
+            return lambda ids: runtime.logits(ids, adapter=adapter)
+        return lambda ids: runtime.encoder_output(ids, adapter=adapter)
 
-    report = {"": Quality(dtype=manifest.base_quantization,
-                          **agreement(task, torch_logits(model, ids, output), package_output(None)))}
+    def measured(name: str, reference_model, **fields) -> Quality:
+        probe = probes.get(name, default)
+        reference = summary(task, torch_forward(reference_model, output), probe)
+        got = summary(task, package_forward(name or None), probe)
+        return Quality(**fields, **agreement(task, reference, got), probe=probe.label)
+
+    report = {"": measured("", model, dtype=manifest.base_quantization)}
     for name, f in factors.items():
         entry = manifest.adapters[name]
-        reference = torch_logits(with_adapter(model, f), ids, output)
-        report[name] = Quality(
-            dtype=entry.dtype,
+        report[name] = measured(
+            name, with_adapter(model, f), dtype=entry.dtype,
             delta_rel_error=None if manifest.mode == "merged" else delta_error(f, package / entry.file),
-            **agreement(task, reference, package_output(name)),
         )
     return report
 

@@ -170,6 +170,7 @@ INSPECT = ["inspect", "{pkg}"]
 EXPORT = ["export", "{base}", "--adapter", "new={peft}", "--out", "{tmp}/out"]
 TRAIN = ["train", "{base}", "--data", "{tmp}/data.jsonl", "--out", "{tmp}/trained", "--max-steps", "1", "--quiet"]
 DATA = "{tmp}/data.jsonl"
+PROBE = "{tmp}/probe.jsonl"
 GOOD_ROW = '{"prompt": "a", "completion": "b"}\n'
 
 
@@ -330,6 +331,13 @@ CASES = [
     ("cli-name-newline", None, ["add-adapter", "{pkg}", "x\n={peft}"], BAD_NAME, "'x\\n'"),
     ("cli-name-exists", None, ["add-adapter", "{pkg}", "plain={peft}"], "adapter plain already exists", "{pkg}"),
     ("cli-codec-mismatch", None, [*ADD, "--adapter-dtype", "int8"], "slots take fp32 factors, not int8", "{pkg}"),
+    ("cli-probe-unknown-adapter", write(PROBE, GOOD_ROW), [*EXPORT, "--probe-data", "typo=" + PROBE],
+     "no adapter typo in this export (adapters: new)", "--probe-data typo="),
+    ("cli-probe-missing", None, [*EXPORT, "--probe-data", PROBE], "missing; expected a JSONL file", PROBE),
+    ("cli-probe-bad-line", write(PROBE, GOOD_ROW + "{"), [*EXPORT, "--probe-data", "new=" + PROBE],
+     "not valid JSON", PROBE + ":2"),
+    ("cli-probe-twice", None, [*EXPORT, "--probe-data", "new=a", "--probe-data", "new=b"],
+     "a second file for adapter new", "--probe-data 'new=b'"),
     ("cli-block-size", None, [*EXPORT, "--block-size", "16"], "Invalid value for '--block-size'", "--block-size"),
     ("cli-unknown-option", None, [*GEN, "--temprature", "1"], "No such option '--temprature'", "--temprature"),
     ("cli-weight-not-number", None, ["generate", "{pkg}", "--adapter", "plain:abc", "--prompt", "hi"],

@@ -76,6 +76,7 @@ def test_quality_budget_reads_the_exports_measured_agreement(llama, fresh_packag
     rows = {b["name"]: b for b in report["budgets"]}
     assert set(rows) == {f"quality.greedy_agreement.{n}" for n in ("patterns", "plain", "rs")}
     assert all(r["value"] == 1.0 for r in rows.values())
+    assert all(r["note"] == "fp32 adapter vs fp32 PyTorch, top-1 on random ids, 4x32 tokens" for r in rows.values())
 
     manifest = json.loads((fresh_package / "edgelora.json").read_text())
     manifest["quality"]["rs"]["top1_agreement"] = 0.9  # as an int4 export of a fragile adapter may report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -49,8 +50,9 @@ def export(probe: Built, name: str, **kwargs):
     return out
 
 
-# int4 reaches 95-100% top-1 agreement on these random probes depending on the seed; the issue's 99%
-# target holds for int8 and fp16 only so far.
+# On random ids int4 agrees on 94-100% of the top-1 tokens depending on the adapter's seed (97.7% on average
+# over eight): most positions there are near-ties, which even 3% Gaussian noise on the factors flips. Where an
+# adapter is confident, on the completions it was trained for, int4 agrees on all of them (the test after next).
 @pytest.mark.parametrize("dtype, max_rel_error, min_top1", [("fp16", 1e-3, 0.99), ("int8", 5e-3, 0.99),
                                                             ("int4", 5e-2, 0.95)])
 def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
@@ -68,6 +70,61 @@ def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
     assert manifest.adapters["a"].dtype == dtype and {s.dtype for s in manifest.slots} == {dtype}
     assert manifest.quality["a"].top1_agreement >= min_top1
     assert 0 < manifest.quality["a"].delta_rel_error < 0.2
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(base, adapter, test data): the demo's pretrained base and a rank-16 adapter on all projections,
+    trained until it solves its task, so it has the margins a user's adapter has where it is used."""
+    from edgelora.exporters.demo import BASE
+    from edgelora.exporters.demo_tasks import tenant_split, write_jsonl
+    from edgelora.exporters.train import train_adapter
+
+    tmp = tmp_path_factory.mktemp("trained")
+    train, test = tenant_split("date", 400, 32)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "test.jsonl", test)
+    result = train_adapter(BASE, tmp / "train.jsonl", tmp / "date", rank=16, alpha=16, max_steps=100, lr=3e-3,
+                           batch_size=32, eval_data=tmp / "test.jsonl", progress=False)
+    assert result.exact_match == 1.0
+    return BASE, tmp / "date", tmp / "test.jsonl"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_adapter_agrees_on_the_completions_it_was_trained_for(trained, tmp_path, dtype):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.train import read_examples
+    from edgelora.runtime import EdgeModel
+
+    base_dir, adapter_dir, test_file = trained
+    manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg", progress=False,
+                              adapter_dtype=dtype, probe_data={"date": test_file})
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    runtime = EdgeModel.open(tmp_path / "pkg")
+    agree = []
+    for ex in read_examples(test_file):
+        prompt = tokenizer(ex.prompt)["input_ids"]
+        ids = prompt + tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            want = peft_model(torch.tensor([ids])).logits[0].numpy()
+        got = runtime.logits(ids, adapter="date")[0]
+        completion = slice(len(prompt) - 1, len(ids) - 1)  # the positions that predict completion tokens
+        agree.extend(want[completion].argmax(-1) == got[completion].argmax(-1))
+    assert np.mean(agree) >= 0.99
+    quality = manifest.quality
+    assert quality["date"].top1_agreement >= 0.99 and quality["date"].delta_rel_error > 1e-3  # the codec did round
+    label = f"test.jsonl, {len(agree)} completion tokens of 32 examples"
+    assert quality["date"].probe == label
+    assert quality[""].probe == "random ids, 4x32 tokens"  # the base has no probe file of its own here
+    code, out, _ = run_cli("inspect", tmp_path / "pkg")
+    assert code == 0 and f"date: {label}" in out
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
