@@ -179,6 +179,10 @@ def test_cli_embed_and_inspect(minilm, tmp_path):
     budget.write_text("[quality]\nmin_greedy_agreement = 0.99\n")
     code, _, text = run_cli("check", package, "--budget", budget)
     assert code == 2 and "quality.min_greedy_agreement does not apply to a feature-extraction package" in text
+    code, _, text = run_cli("export", minilm.base_dir, "--adapter", f"a={minilm.adapter_dirs['a']}", "--out",
+                            tmp_path / "pkg", "--probe-data", budget)
+    assert code == 2 and "a feature-extraction package is probed with random ids" in text
+    assert not (tmp_path / "pkg").exists()
 
 
 def test_check_and_bench_time_an_encoder_forward_pass(minilm, tmp_path):
