@@ -159,8 +159,10 @@ def inspect(package):
     base_bytes = m.base_bytes
     g = m.graph
     click.echo(f"package     {package}  (format {m.format_version}, {m.created_by})")
-    click.echo(f"model       {m.architecture} ({m.family}, {m.task}), {g['num_layers']} layers, vocab {g['vocab_size']}")
-    click.echo(f"base        {human_bytes(base_bytes)}, quantization {m.base_quantization}, {m.base_fingerprint[:23]}…")
+    click.echo(f"model       {m.architecture} ({m.family}, {m.task}), {g['num_layers']} layers, "
+               f"vocab {g['vocab_size']}")
+    click.echo(f"base        {human_bytes(base_bytes)}, quantization {m.base_quantization}, "
+               f"{m.base_fingerprint[:23]}…")
     click.echo(f"slots       {len(m.slots)}: {', '.join(sorted({s.name.rsplit('.', 1)[-1] for s in m.slots}))}")
     click.echo(f"tokenizer   {m.tokenizer or 'none'}")
     click.echo(f"mode        {m.mode}" + ("" if m.mode == "merged" else f", adapter codec {m.adapter_dtype}"))
@@ -307,7 +309,8 @@ def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
         decode = f" {r['decode_ms_per_token']:>15.3f}" if decode_header else ""
         click.echo(f"{label:<24} {r['prefill_ms']:>10.2f}{decode} {overhead:>8}")
     if "hot_swap_us" in extra:
-        click.echo(f"hot swap {extra['hot_swap_us']:.1f} µs, cold load of {resident[0]} {extra['cold_load_ms']:.2f} ms")
+        click.echo(f"hot swap {extra['hot_swap_us']:.1f} µs, "
+                   f"cold load of {resident[0]} {extra['cold_load_ms']:.2f} ms")
     work = f"{prompt_tokens}-token prompt" + (f", {decode_tokens} new tokens" if decode_header else "")
     click.echo(f"peak RSS {human_bytes(extra['peak_rss'])}; {work}, median of {runs} interleaved runs")
 

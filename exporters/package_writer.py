@@ -195,8 +195,8 @@ def export_package(
     steps = Steps(6 + (len(adapters) if merged else 0), enabled=progress)
     with steps.step(f"reading {len(adapters)} PEFT adapter(s)"):
         factors = {name: ingest_peft(path, merged=merged) for name, path in adapters.items()}
-        for f in factors.values() if not merged else ():
-            adapter_parameters(f, adapter_dtype, block_size)  # what the codec cannot hold fails now, not after the export
+        for f in factors.values() if not merged else ():  # what the codec cannot hold fails now, not after the export
+            adapter_parameters(f, adapter_dtype, block_size)
         probes = read_probes(probe_data, base_dir)  # so does a bad probe file
     with steps.step(f"loading base model {base_dir}"):
         model = load_base(base_dir, task)

@@ -160,7 +160,8 @@ def random_peft_adapter(base_model, out_dir: str | Path, seed: int, r: int = 4, 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets), init_lora_weights=False, **lora_kwargs)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets if isinstance(targets, str) else list(targets),
+                        init_lora_weights=False, **lora_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes inside PEFT
         peft_model = get_peft_model(copy.deepcopy(base_model), config)

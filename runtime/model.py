@@ -234,7 +234,8 @@ class EdgeModel(EncoderTasks):
         vocab = self.manifest.graph["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:
             raise EdgeLoraError(f"input_ids must be token ids in [0, {vocab}), got {ids.min()}..{ids.max()}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape)
+        mask = (np.ones_like(ids) if attention_mask is None
+                else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape))
         if self.manifest.graph.get("fusions", {}).get("gqa") and not mask.all():
             raise EdgeLoraError(f"{self.package}: this graph's GroupQueryAttention takes attention masks of ones only "
                                 "(as onnxruntime-genai's graphs); run padded rows one by one, unpadded")
@@ -247,7 +248,8 @@ class EdgeModel(EncoderTasks):
     def encode(self, prompt, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise EdgeLoraError(f"{self.package}: the package has no tokenizer.json; pass token ids instead of text")
+                raise EdgeLoraError(f"{self.package}: the package has no tokenizer.json; "
+                                    "pass token ids instead of text")
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
         ids = [int(t) for t in prompt]
         vocab = self.manifest.graph["vocab_size"]

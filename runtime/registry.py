@@ -272,7 +272,8 @@ class AdapterRegistry:
             if slot is None:
                 raise EdgeLoraError(f"{path}: adapter {name} targets {module}, which has no LoRA slot in this graph")
             if dtype != slot.dtype:
-                raise EdgeLoraError(f"{path}: adapter {name} holds {dtype} factors but the graph's slots take {slot.dtype}")
+                raise EdgeLoraError(f"{path}: adapter {name} holds {dtype} factors "
+                                    f"but the graph's slots take {slot.dtype}")
             if (f.in_features, f.out_features) != (slot.in_features, slot.out_features):
                 raise EdgeLoraError(
                     f"{path}: adapter {name} has {module} factors {f.a.shape} x {f.b.shape}, but the slot takes "
