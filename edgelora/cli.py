@@ -137,14 +137,20 @@ def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accurac
 @click.argument("spec", metavar="NAME=PEFT_DIR")
 @click.option("--adapter-dtype", type=click.Choice(DTYPES), default=None,
               help="Defaults to the codec of the package's slots (the only one its graph takes).")
+@click.option("--base", "base_dir", type=click.Path(path_type=Path), default=None,
+              help="The fp32 base folder, to measure the adapter's top-1 agreement  "
+                   "[default: the folder the package was exported from, if its weights are unchanged]")
+@click.option("--probe-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Prompt/completion JSONL to measure that agreement on, as for export.")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of the same name.")
-def add_adapter_cmd(package, spec, adapter_dtype, overwrite):
+def add_adapter_cmd(package, spec, adapter_dtype, base_dir, probe_data, overwrite):
     """Add a PEFT adapter to an existing package without re-exporting the base."""
     from .exporters.package_writer import add_adapter
 
     t0 = time.perf_counter()
     name, path = parse_adapter_spec(spec)
-    entry = add_adapter(package, name, path, overwrite=overwrite, adapter_dtype=adapter_dtype)
+    entry = add_adapter(package, name, path, overwrite=overwrite, adapter_dtype=adapter_dtype, base_dir=base_dir,
+                        probe_data=probe_data, progress=True)
     click.echo(f"added {name}: {entry.file}, {entry.dtype}, rank {entry.rank}, {human_bytes(entry.bytes)} "
                f"in {time.perf_counter() - t0:.1f}s")
 

@@ -135,8 +135,11 @@ def greedy_agreement(model, name: str) -> float:
         raise EdgeLoraError(f"{model.package}: quality.min_greedy_agreement does not apply to a "
                             f"{model.manifest.task} package (its export measured the embeddings' cosine, "
                             f"{quality.min_cosine:.6f}, for adapter {name}); see `edgelora inspect`")
-    if quality is None or quality.top1_agreement is None:
+    if quality is None:
         raise EdgeLoraError(f"{model.package}: adapter {name} has no quality report in the manifest; re-export it")
+    if quality.top1_agreement is None:
+        raise EdgeLoraError(f"{model.package}: adapter {name} was added without its fp32 base, so its top-1 "
+                            "agreement was not measured; add it again with --base BASE_DIR --overwrite")
     return quality.top1_agreement
 
 

@@ -267,13 +267,21 @@ def export_package(
             manifest.quality = quality_report(model, factors, tmp, manifest, probes)
             manifest.save(tmp)
     if progress:
-        for name, q in manifest.quality.items():
-            err = "" if q.delta_rel_error is None else f"delta rel. error {q.delta_rel_error:.2e}, "
-            agree = (f"top-1 agreement {q.top1_agreement:.1%}" if q.top1_agreement is not None
-                     else f"min. embedding cosine {q.min_cosine:.6f}")
-            print(f"  {name or '(base)'}: {err}{agree} on {q.probe}", file=sys.stderr)
+        print_quality(manifest.quality)
         print(f"wrote {out} in {steps.elapsed():.1f}s", flush=True)
     return manifest
+
+
+def print_quality(quality: dict[str, Quality], why_not: str = "") -> None:
+    for name, q in quality.items():
+        err = "" if q.delta_rel_error is None else f"delta rel. error {q.delta_rel_error:.2e}"
+        if q.top1_agreement is not None:
+            agree = f"top-1 agreement {q.top1_agreement:.1%} on {q.probe}"
+        elif q.min_cosine is not None:
+            agree = f"min. embedding cosine {q.min_cosine:.6f} on {q.probe}"
+        else:
+            agree = f"agreement not measured: {why_not}"
+        print(f"  {name or '(base)'}: {', '.join(filter(None, (err, agree)))}", file=sys.stderr)
 
 
 def check_probe_data(probe_data: dict[str, str | Path], adapters: dict, task: str) -> dict[str, Path]:
@@ -298,7 +306,7 @@ def read_probes(probe_data: dict[str, Path], base_dir: Path) -> dict[str, Probe]
 
 
 def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest,
-                   probes: dict[str, Probe]) -> dict[str, Quality]:
+                   probes: dict[str, Probe], with_base: bool = True) -> dict[str, Quality]:
     """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on its probe."""
     from edgelora.runtime import EdgeModel
 
@@ -319,7 +327,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
         got = summary(task, package_forward(name or None), probe)
         return Quality(**fields, **agreement(task, reference, got), probe=probe.label)
 
-    report = {"": measured("", model, dtype=manifest.base_quantization)}
+    report = {"": measured("", model, dtype=manifest.base_quantization)} if with_base else {}
     for name, f in factors.items():
         entry = manifest.adapters[name]
         report[name] = measured(
@@ -330,11 +338,14 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
 
 
 def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite: bool = False,
-                adapter_dtype: str | None = None) -> AdapterEntry:
+                adapter_dtype: str | None = None, base_dir: str | Path | None = None,
+                probe_data: str | Path | None = None, progress: bool = False) -> AdapterEntry:
     """Add one adapter without touching the graph: seconds, not an export.
 
     The PEFT weights are float, so they are encoded in the package's codec; asking for another
-    codec is refused, since the graph's slots take exactly one.
+    codec is refused, since the graph's slots take exactly one. The adapter's quality is measured as
+    at export (``check`` gates on it) when the fp32 base is at hand: ``base_dir``, else the folder
+    the package was exported from if it still holds the same weights.
     """
     package = Path(package)
     check_name(name)
@@ -354,10 +365,45 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
             raise EdgeLoraError(f"{package}: adapter {name} already exists (pass --overwrite to replace it)")
         factors = ingest_peft(peft_dir)
         check_fits(factors, manifest.slot_map(), name)
+        probe = check_probe_data({name: probe_data} if probe_data else {}, {name: peft_dir}, manifest.task)
+        model, why_not = reference_base(package, manifest, base_dir)
+        if model is None and probe:
+            raise EdgeLoraError(f"--probe-data needs the fp32 base model: {why_not}")
+        probes = read_probes(probe, package)  # the package carries the base's tokenizer files
         # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
         with atomic_dir(package.resolve(), update=True) as tmp:
             entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
                                         manifest.adapter_block_size, manifest.base_fingerprint)
             manifest.adapters[name] = entry
+            manifest.quality.pop(name, None)  # an overwritten adapter's report described the old one
             manifest.save(tmp)
+            if model is None:  # the stored delta's error needs no base
+                error = delta_error(factors, tmp / entry.file)
+                manifest.quality[name] = Quality(dtype=entry.dtype, delta_rel_error=error)
+            else:  # the runtime reads the package from disk: the manifest above already has the new adapter
+                manifest.quality.update(quality_report(model, {name: factors}, tmp, manifest, probes, with_base=False))
+            manifest.save(tmp)
+    if progress:
+        print_quality({name: manifest.quality[name]}, why_not)
     return entry
+
+
+def reference_base(package: Path, manifest: Manifest, base_dir: str | Path | None):
+    """(the fp32 base model, "") for the quality report, or (None, why not) when it is not at hand.
+
+    A base named by the user must be the one the package was exported from; the folder recorded at
+    export is used only if it still is, since a base retrained in place would measure the wrong thing.
+    """
+    if base_dir is None:
+        recorded = Path(manifest.base_source) if manifest.base_source else None
+        if recorded is None or not (recorded / "config.json").is_file():
+            return None, f"the base it was exported from ({recorded or 'not recorded'}) is not there; pass --base"
+        model = load_base(recorded, manifest.task)
+        if base_fingerprint(model) != manifest.base_fingerprint:
+            return None, f"{recorded} no longer holds the weights {package} was exported from; pass --base"
+        return model, ""
+    base_dir = Path(base_dir)
+    model = load_base(base_dir, check_base_dir(base_dir))
+    if base_fingerprint(model) != manifest.base_fingerprint:
+        raise EdgeLoraError(f"{base_dir}: not the base {package} was exported from (its weights differ)")
+    return model, ""

@@ -22,8 +22,8 @@ def test_added_adapter_matches_peft(llama, fresh_package, tmp_path):
     from edgelora.runtime import EdgeModel
 
     peft_model = make_adapter(llama.base, tmp_path / "extra", "patterns", seed=7)
-    code, out, _ = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
-    assert code == 0, out
+    code, out, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
+    assert code == 0, err
     assert "added extra" in out
     manifest = json.loads((fresh_package / "edgelora.json").read_text())
     assert manifest["adapters"]["extra"]["file"] == "adapters/extra.onnx_adapter"
@@ -80,3 +80,51 @@ def test_simultaneous_add_adapter_runs_keep_every_adapter(llama, fresh_package, 
         list(pool.map(lambda n: add_adapter(fresh_package, n, tmp_path / n), names))
     assert set(names) <= set(load_manifest(fresh_package).adapters)
     assert all((fresh_package / "adapters" / f"{n}.onnx_adapter").is_file() for n in names)
+
+
+def test_added_adapter_gets_a_quality_report_that_check_reads(llama, fresh_package, tmp_path):
+    """The base folder recorded at export is still there (and unchanged), so add-adapter measures against it."""
+    from edgelora.manifest import load_manifest
+
+    make_adapter(llama.base, tmp_path / "extra", "plain", seed=8)
+    code, _, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
+    assert code == 0 and "extra: delta rel. error 0.00e+00, top-1 agreement 100.0% on random ids" in err
+    quality = load_manifest(fresh_package).quality
+    assert quality["extra"].top1_agreement == 1.0 and quality["extra"].dtype == "fp32"
+    budget = tmp_path / "quality.toml"
+    budget.write_text("[quality]\nmin_greedy_agreement = 0.99\n")
+    code, out, _ = run_cli("check", fresh_package, "--budget", budget)
+    assert code == 0 and "quality.greedy_agreement.extra" in out
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"prompt": "ab", "completion": "cd"}\n{"prompt": "e", "completion": "fgh"}\n')
+    code, _, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}", "--overwrite",
+                           "--base", llama.base_dir, "--probe-data", probe)
+    assert code == 0, err
+    assert load_manifest(fresh_package).quality["extra"].probe == "probe.jsonl, 7 completion tokens of 2 examples"
+
+
+def test_without_its_base_add_adapter_records_the_delta_error_and_check_says_why(llama, fresh_package, tmp_path):
+    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.manifest import load_manifest
+
+    manifest = json.loads((fresh_package / "edgelora.json").read_text())
+    manifest["base_source"] = str(tmp_path / "moved")
+    (fresh_package / "edgelora.json").write_text(json.dumps(manifest))
+    make_adapter(llama.base, tmp_path / "extra", "plain", seed=8)
+    code, _, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
+    assert code == 0
+    assert f"agreement not measured: the base it was exported from ({tmp_path / 'moved'}) is not there" in err
+    quality = load_manifest(fresh_package).quality["extra"]
+    assert quality.delta_rel_error == 0.0 and quality.top1_agreement is None
+    budget = tmp_path / "quality.toml"
+    budget.write_text("[quality]\nmin_greedy_agreement = 0.99\n")
+    code, _, err = run_cli("check", fresh_package, "--budget", budget)
+    assert code == 2 and "adapter extra was added without its fp32 base" in err and "--base BASE_DIR" in err
+
+    code, _, err = run_cli("add-adapter", fresh_package, f"again={tmp_path / 'extra'}", "--probe-data", budget)
+    assert code == 2 and "--probe-data needs the fp32 base model" in err
+    build_causal_lm(tmp_path / "other", family="llama", size="tiny", seed=3)
+    code, _, err = run_cli("add-adapter", fresh_package, f"again={tmp_path / 'extra'}", "--base", tmp_path / "other")
+    assert code == 2 and f"{tmp_path / 'other'}: not the base {fresh_package} was exported from" in err
+    assert "again" not in load_manifest(fresh_package).adapters
