@@ -398,7 +398,10 @@ def reference_base(package: Path, manifest: Manifest, base_dir: str | Path | Non
         recorded = Path(manifest.base_source) if manifest.base_source else None
         if recorded is None or not (recorded / "config.json").is_file():
             return None, f"the base it was exported from ({recorded or 'not recorded'}) is not there; pass --base"
-        model = load_base(recorded, manifest.task)
+        try:
+            model = load_base(recorded, manifest.task)
+        except EdgeLoraError as e:  # the user did not name this folder: its failure must not stop the add
+            return None, f"{e}; pass --base"
         if base_fingerprint(model) != manifest.base_fingerprint:
             return None, f"{recorded} no longer holds the weights {package} was exported from; pass --base"
         return model, ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from edgelora.cli import main
@@ -104,17 +105,27 @@ def test_added_adapter_gets_a_quality_report_that_check_reads(llama, fresh_packa
     assert load_manifest(fresh_package).quality["extra"].probe == "probe.jsonl, 7 completion tokens of 2 examples"
 
 
-def test_without_its_base_add_adapter_records_the_delta_error_and_check_says_why(llama, fresh_package, tmp_path):
+@pytest.mark.parametrize("base", ["moved", "broken"])
+def test_without_its_base_add_adapter_records_the_delta_error_and_check_says_why(llama, fresh_package, tmp_path,
+                                                                                 base):
+    import shutil
+
     from edgelora.exporters.tiny_models import build_causal_lm
     from edgelora.manifest import load_manifest
 
+    if base == "broken":
+        shutil.copytree(llama.base_dir, tmp_path / base)
+        (tmp_path / base / "model.safetensors").write_bytes(b"not weights")
     manifest = json.loads((fresh_package / "edgelora.json").read_text())
-    manifest["base_source"] = str(tmp_path / "moved")
+    manifest["base_source"] = str(tmp_path / base)
     (fresh_package / "edgelora.json").write_text(json.dumps(manifest))
     make_adapter(llama.base, tmp_path / "extra", "plain", seed=8)
     code, _, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
     assert code == 0
-    assert f"agreement not measured: the base it was exported from ({tmp_path / 'moved'}) is not there" in err
+    assert "agreement not measured: " + {
+        "moved": f"the base it was exported from ({tmp_path / base}) is not there; pass --base",
+        "broken": f"{tmp_path / base}: cannot load the model weights",
+    }[base] in err
     quality = load_manifest(fresh_package).quality["extra"]
     assert quality.delta_rel_error == 0.0 and quality.top1_agreement is None
     budget = tmp_path / "quality.toml"
