@@ -375,9 +375,8 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
             entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
                                         manifest.adapter_block_size, manifest.base_fingerprint)
             manifest.adapters[name] = entry
-            manifest.quality.pop(name, None)  # an overwritten adapter's report described the old one
             manifest.save(tmp)
-            if model is None:  # the stored delta's error needs no base
+            if model is None:  # the stored delta's error needs no base; either branch replaces an old report
                 error = delta_error(factors, tmp / entry.file)
                 manifest.quality[name] = Quality(dtype=entry.dtype, delta_rel_error=error)
             else:  # the runtime reads the package from disk: the manifest above already has the new adapter
