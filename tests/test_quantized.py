@@ -143,6 +143,23 @@ def test_plain_onnxruntime_loads_quantized_adapters(probe, dtype):
     assert np.abs(bare - probe.reference_logits(None, IDS)).max() <= 1e-4
 
 
+def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
+    """Per decode step, widening every int8 factor to float was most of an int8 adapter's cost; only the
+    factors over the rank axis (B_t, empty in the rank-0 default) may still be cast."""
+    import onnx
+
+    graph = onnx.load(export(probe, "int8", adapter_dtype="int8") / "model.onnx", load_external_data=False).graph
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    a_factors = [v.name for v in graph.input if v.name.endswith(".lora_A.int8")]
+    b_factors = [v.name for v in graph.input if v.name.endswith(".lora_B.int8")]
+    assert a_factors and len(a_factors) == len(b_factors)
+    assert all(readers[name] == ["DynamicQuantizeMatMul"] for name in a_factors)
+    assert all(readers[name] == ["Cast"] for name in b_factors)
+
+
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
 
