@@ -179,7 +179,7 @@ def worker_swap(work: Path) -> dict:
     edge = []
     for i in range(2000):
         t0 = time.perf_counter()
-        model._bind("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + RunOptions
+        model._call("ab"[i % 2]).close()  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
     torch.set_num_threads(THREADS)
     peft = peft_set_adapter_seconds(work, 200)

@@ -76,12 +76,12 @@ def hot_swap(work: Path, n=5000):
     edge = []
     for i in range(n):
         t0 = time.perf_counter()
-        m._bind(specs[i % 2])  # what a call pays to pick its adapter: registry hit + RunOptions
+        m._call(specs[i % 2]).close()  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
     composed = []
     for i in range(n):
         t0 = time.perf_counter()
-        m._bind(specs[2 if i % 2 else 0])
+        m._call(specs[2 if i % 2 else 0]).close()
         composed.append(time.perf_counter() - t0)
 
     peft = peft_set_adapter_seconds(work, 500)

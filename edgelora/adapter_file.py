@@ -55,8 +55,9 @@ def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str =
     return Path(path).stat().st_size
 
 
-def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All parameters of a blob as numpy arrays; any unreadable file becomes one clear error."""
+def read_ort_parameters(path: str | os.PathLike) -> tuple[dict[str, ort.OrtValue], ort.AdapterFormat]:
+    """All parameters of a blob as onnxruntime values, and the reader that owns their memory (keep it
+    alive as long as them); any unreadable file becomes one clear error."""
     path = Path(path)
     if not path.is_file():
         raise EdgeLoraError(f"{path}: adapter file not found")
@@ -64,11 +65,16 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise EdgeLoraError(f"{path}: adapter file is empty")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
-        # copies: the arrays may view memory that dies with ``fmt``
-        return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+        return fmt.get_parameters(), fmt
     except Exception as e:  # ORT raises bare RuntimeErrors with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgeLoraError(f"{path}: not a readable .onnx_adapter file ({first})") from None
+
+
+def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All parameters of a blob as numpy arrays (copies: the values' memory dies with their reader)."""
+    params, _reader = read_ort_parameters(path)
+    return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterFactors, str]:

@@ -107,13 +107,14 @@ def cold_load_ms(model, adapter: str, runs: int) -> float:
 
 
 def hot_swap_us(model, names: list[str], rounds: int = HOT_SWAP_ROUNDS) -> float:
-    """Median µs to point a call at another resident adapter (what a per-request switch costs)."""
+    """Median µs to point a call at another resident adapter and hand the call back (what a per-request switch
+    costs: a ready binding of that adapter's parameters from its pool, returned after the call)."""
     for n in names:
         model.load_adapter(n)
     samples = []
     for i in range(rounds):
         t0 = time.perf_counter_ns()
-        model._bind(names[i % len(names)])
+        model._call(names[i % len(names)]).close()
         samples.append(time.perf_counter_ns() - t0)
     return float(np.median(samples)) / 1e3
 

@@ -11,18 +11,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
+from .kvcache import KVCache
 
 if TYPE_CHECKING:
     from .model import EdgeModel, Generation
-
-
-@dataclass
-class KVCache:
-    """The ``present.*`` tensors of every token fed so far; ``length`` of them."""
-
-    past: dict[str, np.ndarray] | None = None
-    length: int = 0
 
 
 @dataclass

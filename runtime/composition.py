@@ -9,13 +9,10 @@ same graph slots as a single adapter, with no extra graph and no approximation.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from edgelora.adapter_file import write_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors, ModuleFactors
 
@@ -63,20 +60,3 @@ def compose(parts: list[tuple[AdapterFactors, float]]) -> AdapterFactors:
     }
     rank = max(f.rank for f in modules.values())
     return AdapterFactors(modules=modules, rank=rank, alpha=float("nan"), source="composition")
-
-
-def write_temporary(factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> str:
-    """A private ``.onnx_adapter`` for ``onnxruntime.LoraAdapter.Load``, which only reads from a path.
-
-    The caller unlinks it right after loading: the memory map keeps the data, and nothing is
-    left in the temp folder if the process dies. With quantized slots the composed factors are
-    quantized again (exact for int8 A columns, a second rounding for the re-scaled B).
-    """
-    fd, path = tempfile.mkstemp(prefix="edgelora-composition-", suffix=".onnx_adapter")
-    os.close(fd)
-    try:
-        write_adapter(path, factors, dtype, block)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path

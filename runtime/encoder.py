@@ -1,7 +1,7 @@
 """Encoder packages (feature-extraction, sequence-classification): batches of texts in, embeddings or labels out.
 
 ``EncoderTasks`` holds the methods ``EdgeModel`` gains for them; the adapter is chosen per call
-exactly as for generation, through ``EdgeModel._bind``.
+exactly as for generation, through ``EdgeModel._call``.
 """
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ class EncoderTasks:
             if value.shape != ids.shape:
                 raise EdgeLoraError(f"{name} has shape {value.shape}, input_ids {ids.shape}; they must match")
             feeds[name] = value
-        session, run_options, _resident = self._bind(adapter)  # the reference keeps the adapter alive
-        return session.run(graph["outputs"], feeds, run_options)[0]
+        with self._call(adapter) as call:
+            for name, value in feeds.items():
+                call.binding.bind_cpu_input(name, value)
+            call.binding.bind_output(graph["outputs"][0])
+            return call.run()[0].numpy()
 
     def embed(self, texts, adapter=None, normalize: bool = False) -> np.ndarray:
         """Sentence embeddings [n, hidden]: the last hidden state mean-pooled over each text's tokens.

@@ -18,8 +18,10 @@ import onnxruntime as ort
 from edgelora.errors import EdgeLoraError
 from edgelora.manifest import load_manifest
 
-from .chat import ChatSession, KVCache
+from .binding import BindingPool, Call
+from .chat import ChatSession
 from .encoder import EncoderTasks, pad_batches
+from .kvcache import KVCache
 from .registry import AdapterRegistry
 from .sampling import pick_token
 
@@ -75,9 +77,11 @@ class EdgeModel(EncoderTasks):
         layers = self._layers if manifest.task == "causal-lm" else 0  # encoders have no KV cache
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         self._outputs = graph["outputs"]
+        self._shared_kv = bool(graph.get("fusions", {}).get("gqa"))
         self._eos = set(manifest.generation.get("eos_token_ids") or [])
         self._options = options
-        self._merged: dict[str, ort.InferenceSession] = {}
+        self._base = BindingPool(session, {})
+        self._merged: dict[str, BindingPool] = {}
         self._merged_lock = threading.Lock()
 
     @classmethod
@@ -117,7 +121,7 @@ class EdgeModel(EncoderTasks):
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         session = _session(graph_path, options)
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
-        registry = AdapterRegistry(package, manifest.adapters, manifest.slots, budget, verify,
+        registry = AdapterRegistry(session, package, manifest.adapters, manifest.slots, budget, verify,
                                    manifest.base_fingerprint, manifest.adapter_block_size)
         if verify:
             registry.verify_in_background()
@@ -180,43 +184,69 @@ class EdgeModel(EncoderTasks):
 
     # forward passes
 
-    def _bind(self, adapter):
-        """(session, RunOptions, keep-alive) for one call: the adapter's slot factors, or its merged graph."""
-        options = ort.RunOptions()
+    def _call(self, adapter) -> Call:
+        """A binding for one call: the session with the adapter's slot factors bound, or its merged graph."""
         if adapter is not None and self.manifest.mode == "merged":
             if not isinstance(adapter, str):
                 raise EdgeLoraError("a merged package runs one adapter per graph: strengths and compositions need "
                                     "a separate-mode package")
-            return self._merged_session(adapter), options, None
+            return Call(self._merged_pool(adapter), None, self.manifest.graph["inputs"])
         resident = self.registry.resolve(adapter)
-        if resident is not None:
-            options.add_active_adapter(resident.ort_adapter)
-        return self.session, options, resident
+        pool = self._base if resident is None else resident.bindings
+        return Call(pool, resident, self.manifest.graph["inputs"])
 
-    def _merged_session(self, adapter: str) -> ort.InferenceSession:
+    def _merged_pool(self, adapter: str) -> BindingPool:
         """Merged packages switch adapters by switching graphs, each loaded once on first use."""
         with self._merged_lock:
-            session = self._merged.get(adapter)
-            if session is None:
+            pool = self._merged.get(adapter)
+            if pool is None:
                 entry = self.manifest.adapters.get(adapter)
                 if entry is None:
                     known = ", ".join(sorted(self.manifest.adapters)) or "none"
                     raise EdgeLoraError(f"unknown adapter {adapter!r}; this package has: {known}")
-                session = _session(self.package / entry.file, self._options)
-                self._merged[adapter] = session
-            return session
+                pool = BindingPool(_session(self.package / entry.file, self._options), {})
+                self._merged[adapter] = pool
+            return pool
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        empty = np.zeros((batch, self._kv_heads, 0, self._head_dim), np.float32)
-        return {name: empty for name in self._past_names}
+    def _forward(self, call: Call, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                 kv: KVCache) -> np.ndarray:
+        """Logits of one pass over ``input_ids`` after the ``kv.length`` positions of ``kv``, which it extends.
 
-    def _forward(self, binding, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        session, run_options, _ = binding
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
-        outputs = session.run(self._outputs, feeds, run_options)
-        present = dict(zip(self._past_names, outputs[1:]))
-        return outputs[0], present
+        A decode step's logits are the call's own buffer, overwritten by its next step."""
+        binding = call.binding
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", position_ids)
+        shared = self._shared_kv and kv.capacity > 0
+        if shared and input_ids.shape[1] == 1:
+            logits = call.step_output("logits", (*input_ids.shape, self.manifest.graph["vocab_size"]))
+        else:
+            binding.bind_output("logits")  # unallocated: onnxruntime sizes it for this pass
+            logits = None
+        # bound after the logits, so the logits are output 0 for the rest of the call
+        if shared and call.kv_bound is not kv:  # the buffers stay bound for the rest of the call
+            for name, value in kv.values.items():
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+            call.kv_bound = kv
+        elif not shared:
+            empty = np.zeros((input_ids.shape[0], self._kv_heads, 0, self._head_dim), np.float32)
+            for name in self._past_names:
+                value = kv.values.get(name)
+                if value is None:
+                    binding.bind_cpu_input(name, empty)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+                binding.bind_output(name.replace("past_key_values", "present"))
+        if logits is not None:
+            call.pool.session.run_with_iobinding(binding)
+        else:
+            outputs = call.run()
+            logits = outputs[0].numpy()
+            if not shared:
+                kv.values = dict(zip(self._past_names, outputs[1:]))
+        kv.length += input_ids.shape[1]
+        return logits
 
     def logits(self, input_ids, adapter=None, attention_mask=None) -> np.ndarray:
         """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq]).
@@ -240,8 +270,8 @@ class EdgeModel(EncoderTasks):
             raise EdgeLoraError(f"{self.package}: this graph's GroupQueryAttention takes attention masks of ones only "
                                 "(as onnxruntime-genai's graphs); run padded rows one by one, unpadded")
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        logits, _ = self._forward(self._bind(adapter), ids, mask, positions, self._empty_past(ids.shape[0]))
-        return logits
+        with self._call(adapter) as call:
+            return self._forward(call, ids, mask, positions, KVCache())
 
     # generation
 
@@ -271,38 +301,36 @@ class EdgeModel(EncoderTasks):
     def _tokens(self, prompt_ids: list[int], adapter, max_new_tokens: int, temperature: float, top_k: int,
                 top_p: float, seed: int | None, timings: dict, ignore_eos: bool = False,
                 cache: KVCache | None = None) -> Iterator[int]:
-        """Prefill once, then one step per token reusing the KV cache; stops at EOS or the length limit.
+        """Prefill once, then one step per token extending the KV cache; stops at EOS or the length limit.
 
         With a ``cache`` the prefill continues after the tokens already in it, and the cache is
-        updated after every step, so a chat's next turn starts where this one stopped.
+        extended at every step, so a chat's next turn starts where this one stopped.
         """
         if max_new_tokens < 1:
             return
-        binding = self._bind(adapter)
-        rng = np.random.default_rng(seed)
-        ids = np.asarray([prompt_ids], dtype=np.int64)
-        start = cache.length if cache is not None else 0
-        past = cache.past if cache is not None and cache.past is not None else self._empty_past(1)
-        total = start + ids.shape[1]
-        t0 = time.perf_counter()
-        logits, past = self._forward(binding, ids, np.ones((1, total), np.int64),
-                                     np.arange(start, total, dtype=np.int64)[None], past)
-        if cache is not None:
-            cache.past, cache.length = past, total
-        timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-        timings["decode_ms"] = 0.0
-        for step in range(max_new_tokens):
-            token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
-            yield token
-            if (token in self._eos and not ignore_eos) or step == max_new_tokens - 1:
-                return
-            total += 1
+        kv = cache if cache is not None else KVCache()
+        with self._call(adapter) as call:
+            rng = np.random.default_rng(seed)
+            ids = np.asarray([prompt_ids], dtype=np.int64)
+            start = kv.length
+            total = start + ids.shape[1]
+            if self._shared_kv:
+                kv.reserve(self._past_names, self._kv_heads, self._head_dim, total + max_new_tokens - 1)
             t0 = time.perf_counter()
-            logits, past = self._forward(binding, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
-                                         np.asarray([[total - 1]], np.int64), past)
-            if cache is not None:
-                cache.past, cache.length = past, total
-            timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
+            logits = self._forward(call, ids, np.ones((1, total), np.int64),
+                                   np.arange(start, total, dtype=np.int64)[None], kv)
+            timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+            timings["decode_ms"] = 0.0
+            for step in range(max_new_tokens):
+                token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
+                yield token
+                if (token in self._eos and not ignore_eos) or step == max_new_tokens - 1:
+                    return
+                total += 1
+                t0 = time.perf_counter()
+                logits = self._forward(call, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
+                                       np.asarray([[total - 1]], np.int64), kv)
+                timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
 
     def stream(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

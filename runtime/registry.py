@@ -1,11 +1,11 @@
-"""Resident adapters: loaded on first use (memory-mapped by onnxruntime), checked once, evicted LRU.
+"""Resident adapters: loaded on first use (read by onnxruntime's adapter reader), checked once, evicted LRU.
 
 The registry is shared by every thread of one ``EdgeModel``; a call takes a reference to the
 adapter it runs with, so an eviction during that call cannot pull the weights from under it.
 Single adapters and compositions live in the same LRU under the same byte budget: a composition
 is just another blob, built once from its parts' files.
 
-A blob's sha256 costs about 1.5 ms per MB here, five times its memory-mapped load, so it is kept off
+A blob's sha256 costs about 1.5 ms per MB here, more than its load, so it is kept off
 the request path: ``verify_in_background`` hashes the package's adapters from ``open`` on, and a
 request that arrives first waits for (or runs) that one check. A passed check is remembered with the
 file's identity (inode, size, mtime, ctime); a file that changes afterwards is checked again.
@@ -13,7 +13,6 @@ file's identity (inode, size, mtime, ctime); a file that changes afterwards is c
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -22,29 +21,32 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgelora.adapter_file import read_adapter
+from edgelora.adapter_file import adapter_parameters, read_adapter, read_ort_parameters
 from edgelora.errors import EdgeLoraError
 from edgelora.fileio import check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Slot
 from edgelora.sidecar import read_sidecar
 
-from .composition import Spec, compose, label, normalize, write_temporary
+from .binding import BindingPool
+from .composition import Spec, compose, label, normalize
 
 
 @dataclass
 class ResidentAdapter:
     name: str  # a package or path adapter's name, or a composition's label
     spec: Spec
-    ort_adapter: ort.LoraAdapter
+    bindings: BindingPool  # the session with this adapter's parameters bound
+    owner: object  # what keeps the parameters' memory alive: the blob's reader, or a composition's arrays
     bytes: int
     rank: int
     load_ms: float
 
 
 class AdapterRegistry:
-    def __init__(self, package: Path, entries: dict[str, AdapterEntry], slots: list[Slot],
-                 memory_budget_bytes: int | None = None, verify: bool = True, base_fingerprint: str | None = None,
-                 block_size: int = 32):
+    def __init__(self, session: ort.InferenceSession, package: Path, entries: dict[str, AdapterEntry],
+                 slots: list[Slot], memory_budget_bytes: int | None = None, verify: bool = True,
+                 base_fingerprint: str | None = None, block_size: int = 32):
+        self.session = session
         self.package = package
         self.codec = (slots[0].dtype if slots else "fp32", block_size)  # compositions are stored as the slots take them
         self.entries = dict(entries)
@@ -208,20 +210,18 @@ class AdapterRegistry:
         t0 = time.perf_counter()
         if len(spec) == 1 and spec[0][1] == 1.0:
             path, rank = self._checked_path(spec[0][0])
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(path))
+            params, owner = read_ort_parameters(path)
             size = path.stat().st_size
         else:
             parts = [(read_adapter(self._checked_path(name)[0])[0], weight) for name, weight in spec]
             factors = compose(parts)
-            tmp = write_temporary(factors, *self.codec)
-            try:
-                adapter = ort.LoraAdapter()
-                adapter.Load(tmp)
-                size, rank = os.path.getsize(tmp), factors.rank
-            finally:
-                os.unlink(tmp)
-        return ResidentAdapter(key, spec, adapter, size, rank, (time.perf_counter() - t0) * 1e3)
+            # quantized slots take the composed factors quantized again (exact for int8 A columns, a second
+            # rounding for the re-scaled B); the values share the arrays' memory, so the arrays are kept
+            owner = adapter_parameters(factors, *self.codec)
+            params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in owner.items()}
+            size, rank = sum(array.nbytes for array in owner.values()), factors.rank
+        return ResidentAdapter(key, spec, BindingPool(self.session, params), owner, size, rank,
+                               (time.perf_counter() - t0) * 1e3)
 
     def _checked_path(self, name: str) -> tuple[Path, int]:
         """The blob's path, once its integrity and compatibility checks passed for the file as it is now."""
