@@ -131,6 +131,31 @@ def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):
     assert second.token_ids == model.generate(whole, adapter="rs", max_new_tokens=3).token_ids
 
 
+def test_group_query_attention_steps_write_the_cache_in_place(gqa_llama):
+    """Steps extend buffers reserved before the turn instead of copying the cache into new tensors each step: a
+    turn that fits keeps the very same buffers, and they hold the keys and values a plain forward pass computes."""
+    from edgelora.runtime import EdgeModel
+    from edgelora.runtime.kvcache import KVCache
+
+    model = EdgeModel.open(gqa_llama.package)
+    chat = model.chat(adapter="rs")
+    chat.send([1, 40, 8], max_new_tokens=4)  # reserves 6 positions
+    chat.send([15], max_new_tokens=2)  # needs 9: the buffers grow to 12, keeping what they hold
+    buffers = dict(chat._cache._arrays)
+    third = chat.send([18], max_new_tokens=2)  # needs 12: fits
+    assert all(chat._cache._arrays[name] is array for name, array in buffers.items())
+    fed = chat.token_ids[:-1]  # the last answer token is not fed until the next turn
+    assert chat._cache.length == len(fed) and chat._cache.capacity == 12
+    assert third.token_ids == model.generate(chat.token_ids[:-2], adapter="rs", max_new_tokens=2).token_ids
+    plain = KVCache()
+    with model._call("rs") as call:
+        ids = np.asarray([fed])
+        model._forward(call, ids, np.ones_like(ids), np.arange(len(fed))[None], plain)
+    for name, array in buffers.items():
+        np.testing.assert_allclose(array[:, :, : len(fed)], plain.values[name].numpy(), atol=1e-5)
+        assert not array[:, :, len(fed):].any()
+
+
 def tied_head_graph() -> onnx.ModelProto:
     """Gather from an embedding table E, then logits = h · Eᵀ as the fused graph has it (FusedMatMul, transB=1)."""
     rng = np.random.default_rng(0)
