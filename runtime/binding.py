@@ -25,13 +25,16 @@ class BindingPool:
     def __init__(self, session: ort.InferenceSession, params: Mapping[str, ort.OrtValue]):
         self.session = session
         self._params = params
-        self._free: list[ort.IOBinding] = []
+        self._free = [self._new()]  # made with the adapter, so its first call switches as fast as any other
         self._lock = threading.Lock()
 
     def acquire(self) -> ort.IOBinding:
         with self._lock:
             if self._free:
                 return self._free.pop()
+        return self._new()  # another call holds the others
+
+    def _new(self) -> ort.IOBinding:
         binding = self.session.io_binding()
         for name, value in self._params.items():
             binding.bind_ortvalue_input(name, value)
