@@ -1,6 +1,6 @@
 """Decode speed and bytes for base fp32/int8/int4 x adapter none/fp32/int8/int4, and merged vs separate.
 
-    .venv/bin/python bench/quant_grid.py [--work bench/work-decode] [--rounds 3] [--merged int4|none]
+    .venv/bin/python bench/quant_grid.py [--work bench/work-decode] [--rounds 3] [--merged int4|none] [--fresh]
 
 Same model and adapter as bench/decode.py (run that first, or this builds and exports what it needs).
 One traced export serves the whole grid: every other package is derived from the fp32 one with the
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--merged", default="int4", choices=("none", *BASES))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--fresh", action="store_true",
+                        help="derive every grid package again (after a change to edgelora's graphs or codecs)")
     args = parser.parse_args()
     if args.worker:
         package, adapter = args.worker
@@ -105,6 +107,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     work = Path(args.work)
+    if args.fresh:
+        shutil.rmtree(work / "grid", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     decode.build_model(work)
     src = work / "edgelora-fp32"
