@@ -76,7 +76,6 @@ class EdgeModel(EncoderTasks):
         self._head_dim = graph.get("head_dim")
         layers = self._layers if manifest.task == "causal-lm" else 0  # encoders have no KV cache
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self._outputs = graph["outputs"]
         self._shared_kv = bool(graph.get("fusions", {}).get("gqa"))
         self._eos = set(manifest.generation.get("eos_token_ids") or [])
         self._options = options
@@ -218,11 +217,11 @@ class EdgeModel(EncoderTasks):
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
         shared = self._shared_kv and kv.capacity > 0
-        if shared and input_ids.shape[1] == 1:
+        step = shared and input_ids.shape[1] == 1
+        if step:
             logits = call.step_output("logits", (*input_ids.shape, self.manifest.graph["vocab_size"]))
         else:
             binding.bind_output("logits")  # unallocated: onnxruntime sizes it for this pass
-            logits = None
         # bound after the logits, so the logits are output 0 for the rest of the call
         if shared and call.kv_bound is not kv:  # the buffers stay bound for the rest of the call
             for name, value in kv.values.items():
@@ -238,7 +237,7 @@ class EdgeModel(EncoderTasks):
                 else:
                     binding.bind_ortvalue_input(name, value)
                 binding.bind_output(name.replace("past_key_values", "present"))
-        if logits is not None:
+        if step:
             call.pool.session.run_with_iobinding(binding)
         else:
             outputs = call.run()
