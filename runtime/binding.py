@@ -56,7 +56,7 @@ class Call:
     def __init__(self, pool: BindingPool, resident, call_inputs: list[str]):
         self.pool = pool
         self.binding = pool.acquire()
-        self.kv_bound = None  # the KV cache whose buffers this binding holds (shared-buffer graphs)
+        self.kv_bound = None  # the KV buffers this binding holds (shared-buffer graphs)
         self._step_output: tuple[np.ndarray, ort.OrtValue] | None = None
         self._resident = resident
         self._call_inputs = call_inputs

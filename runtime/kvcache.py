@@ -5,8 +5,8 @@ positions that are bound as both a step's past input and its present output: onn
 the step's keys and values in place, as onnxruntime-genai runs its graphs, instead of copying the whole
 cache into new tensors at every step, a cost that grows with the context (on the 135M model, with the
 adapter's parameters bound once per call as well, decode got 9% faster at 64 new tokens and 12% at
-400). Buffers are allocated zeroed, which the OS commits lazily, so a capacity sized for
-``max_new_tokens`` costs memory only for the positions written. Other attention (MultiHeadAttention,
+400). Buffers are allocated zeroed, which the OS commits lazily, so reserved positions cost memory
+only once written, and they double when a pass needs more. Other attention (MultiHeadAttention,
 kept for head sizes GQA's CPU kernel refuses) takes the previous step's present outputs as its past.
 """
 

@@ -54,6 +54,8 @@ class TextStream:
         return self._pieces
 
 
+KV_RESERVE_AHEAD = 256  # positions a generation reserves past its prompt; the buffers double beyond
+
 # task -> the methods that serve it, for the error a call on the wrong kind of package gets
 TASK_METHODS = {
     "causal-lm": "generate, stream, chat, logits",
@@ -222,12 +224,14 @@ class EdgeModel(EncoderTasks):
             logits = call.step_output("logits", (*input_ids.shape, self.manifest.graph["vocab_size"]))
         else:
             binding.bind_output("logits")  # unallocated: onnxruntime sizes it for this pass
+        if shared:
+            kv.reserve(self._past_names, self._kv_heads, self._head_dim, kv.length + input_ids.shape[1])
         # bound after the logits, so the logits are output 0 for the rest of the call
-        if shared and call.kv_bound is not kv:  # the buffers stay bound for the rest of the call
+        if shared and call.kv_bound is not kv.values:  # the buffers stay bound until they grow
             for name, value in kv.values.items():
                 binding.bind_ortvalue_input(name, value)
                 binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-            call.kv_bound = kv
+            call.kv_bound = kv.values
         elif not shared:
             empty = np.zeros((input_ids.shape[0], self._kv_heads, 0, self._head_dim), np.float32)
             for name in self._past_names:
@@ -313,8 +317,9 @@ class EdgeModel(EncoderTasks):
             ids = np.asarray([prompt_ids], dtype=np.int64)
             start = kv.length
             total = start + ids.shape[1]
-            if self._shared_kv:
-                kv.reserve(self._past_names, self._kv_heads, self._head_dim, total + max_new_tokens - 1)
+            if self._shared_kv:  # room for the answer, up to a bound: a generous max_new_tokens is only a limit
+                ahead = min(max_new_tokens - 1, KV_RESERVE_AHEAD)
+                kv.reserve(self._past_names, self._kv_heads, self._head_dim, total + ahead)
             t0 = time.perf_counter()
             logits = self._forward(call, ids, np.ones((1, total), np.int64),
                                    np.arange(start, total, dtype=np.int64)[None], kv)

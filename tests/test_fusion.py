@@ -156,6 +156,22 @@ def test_group_query_attention_steps_write_the_cache_in_place(gqa_llama):
         assert not array[:, :, len(fed):].any()
 
 
+def test_a_generation_past_its_reserved_cache_grows_it(gqa_llama, monkeypatch):
+    """A generation reserves a bounded number of positions past its prompt, whatever max_new_tokens allows; past
+    them the buffers double mid-generation, keeping what they hold."""
+    from edgelora.runtime import EdgeModel
+    from edgelora.runtime import model as runtime_model
+
+    monkeypatch.setattr(runtime_model, "KV_RESERVE_AHEAD", 2)  # 6 positions for this prompt, then 12
+    model = EdgeModel.open(gqa_llama.package)
+    prompt = [1, 40, 8, 15]
+    result = model.generate(prompt, adapter="rs", max_new_tokens=8, ignore_eos=True)
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(np.argmax(gqa_llama.reference_logits("rs", [ids])[0, -1])))
+    assert result.token_ids == ids[len(prompt):]
+
+
 def tied_head_graph() -> onnx.ModelProto:
     """Gather from an embedding table E, then logits = h · Eᵀ as the fused graph has it (FusedMatMul, transB=1)."""
     rng = np.random.default_rng(0)
