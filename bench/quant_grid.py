@@ -45,7 +45,7 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
         return
     manifest = load_manifest(src)
     proto = onnx.load(str(src / "model.onnx"))
-    factors = [n for s in manifest.slots for n in (s.a, s.b)]
+    factors = list(dict.fromkeys(n for s in manifest.slots for n in (s.a, s.b)))  # a group's are shared
     codec.encode_slots(proto, factors, adapter_dtype, BLOCK)
     proto = quantize_base(proto, quantize, BLOCK, 4 if quantize == "int4" else None, set(factors))
     tmp = dst.with_name(dst.name + ".tmp")
@@ -56,7 +56,8 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
     for extra in ("tokenizer.json", "tokenizer_config.json"):
         if (src / extra).exists():
             shutil.copy2(src / extra, tmp / extra)
-    entry = write_adapter_entry(tmp, "a", ingest_peft(peft), peft, adapter_dtype, BLOCK, manifest.base_fingerprint)
+    entry = write_adapter_entry(tmp, "a", ingest_peft(peft), peft, adapter_dtype, BLOCK, manifest.base_fingerprint,
+                                manifest.slot_groups)
     derived = dataclasses.replace(
         manifest, adapter_dtype=adapter_dtype, adapter_block_size=BLOCK, base_quantization=quantize,
         base_bytes=graph_bytes(tmp / "model.onnx"), adapters={"a": entry}, quality={},

@@ -172,14 +172,17 @@ print(json.dumps({"growth": rss() - before}))
 def rss(work: Path, counts=(1, 10, 50)):
     from edgelora.adapter_file import read_adapter, write_adapter
     from edgelora.factors import AdapterFactors, ModuleFactors
+    from edgelora.manifest import load_manifest
 
-    src, _ = read_adapter(work / "pkg/adapters/mid.onnx_adapter")
+    groups = load_manifest(work / "pkg").slot_groups
+    src, _ = read_adapter(work / "pkg/adapters/mid.onnx_adapter", groups)
     (work / "copies").mkdir(exist_ok=True)
     for i in range(max(counts)):
         path = work / f"copies/t{i}.onnx_adapter"
         if not path.exists():
             write_adapter(path, AdapterFactors({k: ModuleFactors(f.a, np.float32(1 + i / 100) * f.b)
-                                                for k, f in src.modules.items()}, src.rank, src.alpha))
+                                                for k, f in src.modules.items()}, src.rank, src.alpha),
+                          groups=groups)
     blob = (work / "copies/t0.onnx_adapter").stat().st_size
     base_bytes = (work / "pkg/model.onnx").stat().st_size + (work / "pkg/model.onnx.data").stat().st_size \
         if (work / "pkg/model.onnx.data").exists() else (work / "pkg/model.onnx").stat().st_size

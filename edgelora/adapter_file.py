@@ -14,41 +14,36 @@ import onnxruntime as ort
 
 from . import codec
 from .errors import EdgeLoraError
-from .factors import AdapterFactors, ModuleFactors
+from .factors import AdapterFactors
 from .fileio import atomic_path
+from .manifest import SlotGroup
+from .slot_groups import factor_names, graph_factors, module_factors
 
 SUFFIX = ".onnx_adapter"
 # Bumped when the meaning of the parameters changes; ORT stores it in the file header.
 ADAPTER_VERSION = 1
 
 
-def slot_inputs(module: str) -> tuple[str, str]:
-    """The float factors of a module's slot inside the graph: ``a`` [in, r] and ``b`` [r, out].
-
-    With fp32 slots these are the graph inputs; other codecs feed them through ``codec.param_names``.
-    """
-    return f"{module}.lora_A", f"{module}.lora_B"
-
-
-def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> dict[str, np.ndarray]:
-    """The blob's parameters in a codec; an adapter the codec cannot hold is refused naming its source."""
+def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32,
+                       groups: list[SlotGroup] = ()) -> dict[str, np.ndarray]:
+    """The blob's parameters in a codec, for a graph with these slot groups; an adapter the codec cannot hold
+    is refused naming its source."""
     params = {}
     try:
-        for module, f in factors.modules.items():
-            a_name, b_name = slot_inputs(module)
-            params.update(codec.encode(a_name, f.a, dtype, block))
-            params.update(codec.encode(b_name, f.b, dtype, block))
+        for name, factor in graph_factors(factors, list(groups)).items():
+            params.update(codec.encode(name, factor, dtype, block))
     except EdgeLoraError as e:
         raise EdgeLoraError(f"{factors.source}: {e}") from None
     return params
 
 
-def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str = "fp32", block: int = 32) -> int:
-    """Write atomically in the given codec; returns the file's size in bytes."""
+def write_adapter(path: str | os.PathLike, factors: AdapterFactors, dtype: str = "fp32", block: int = 32,
+                  groups: list[SlotGroup] = ()) -> int:
+    """Write atomically in the given codec, for a graph with these slot groups; returns the file's size in bytes."""
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(1)
-    params = adapter_parameters(factors, dtype, block)
+    params = adapter_parameters(factors, dtype, block, groups)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     with atomic_path(path) as tmp:
         fmt.export_adapter(str(tmp))
@@ -77,27 +72,24 @@ def read_parameters(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[AdapterFactors, str]:
-    """Back to float factors (as the graph dequantizes them) and the blob's codec.
+def read_adapter(path: str | os.PathLike, groups: list[SlotGroup] = ()) -> tuple[AdapterFactors, str]:
+    """Back to per-module float factors (as the graph dequantizes them) and the blob's codec; a blob for a
+    graph with slot groups needs them (``Manifest.slot_groups``).
 
-    Used for compatibility checks, quality reports and round-trip tests.
+    Used for compatibility checks, quality reports, compositions and round-trip tests.
     """
     params = read_parameters(path)
     dtype = codec.dtype_of(params)
-    tensors = {codec.tensor_of(name, dtype) for name in params}
-    modules = {}
-    for tensor in sorted(tensors):
-        if not tensor.endswith((".lora_A", ".lora_B")):
-            raise EdgeLoraError(f"{path}: unexpected parameter {tensor}")
-        module = tensor.rsplit(".", 1)[0]
-        if module in modules:
-            continue
-        expected = [n for t in slot_inputs(module) for n in codec.param_names(t, dtype)]
-        missing = [n for n in expected if n not in params]
+    tensors = {}
+    for name in sorted({codec.tensor_of(name, dtype) for name in params}):
+        if not name.endswith((".lora_A", ".lora_B")):
+            raise EdgeLoraError(f"{path}: unexpected parameter {name}")
+        pair = factor_names(name.rsplit(".", 1)[0])
+        missing = [n for t in pair for n in codec.param_names(t, dtype) if n not in params]
         if missing:
-            raise EdgeLoraError(f"{path}: module {module} lacks parameter {missing[0]}")
-        a, b = (codec.decode(t, params, dtype) for t in slot_inputs(module))
-        modules[module] = ModuleFactors(a, b)
+            raise EdgeLoraError(f"{path}: slot {pair[0][: -len('.lora_A')]} lacks parameter {missing[0]}")
+        tensors[name] = codec.decode(name, params, dtype)
+    modules = module_factors(tensors, list(groups), str(path))
     rank = max((f.rank for f in modules.values()), default=0)
     factors = AdapterFactors(modules=modules, rank=rank, alpha=float("nan"), source=str(path))
     factors.validate(str(path))

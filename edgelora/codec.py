@@ -128,7 +128,9 @@ def encode(tensor: str, x: np.ndarray, dtype: str, block: int = 32) -> dict[str,
         q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
         return {names[0]: q, names[1]: scale}
     k, n = x.shape
-    bs = int4_block(k, block)
+    # the rank axis of b has no fixed size: a slot group's (several ranks stacked) may not split into blocks,
+    # and is then one block, which the graph reads off the scales' shape like any block count
+    bs = k if tensor.endswith(".lora_B") and k % block else int4_block(k, block)
     blocks = x.reshape(k // bs, bs, n)
     scale = _int4_scales(_in_range(tensor, blocks, dtype))  # [K/bs, N]
     q = _int4_round(blocks, scale) + 8

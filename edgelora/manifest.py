@@ -14,7 +14,7 @@ from .errors import EdgeLoraError
 from .fileio import check_name, read_json_object, write_text_atomic
 
 FILENAME = "edgelora.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slot groups
 
 
 @dataclass
@@ -22,11 +22,27 @@ class Slot:
     """One LoRA slot of the graph: a target module whose delta enters through two graph inputs."""
 
     name: str  # the module path in the base model, e.g. model.layers.0.self_attn.q_proj
-    a: str  # the float [in, r] factor in the graph; its graph inputs are codec.param_names(a, dtype)
+    a: str  # the float [in, r] factor in the graph; its graph inputs are codec.param_names(a, dtype);
+    # in a slot group, the group's (shared by its slots)
     b: str  # the float [r, out] factor, scale folded in
     in_features: int
     out_features: int
     dtype: str = "fp32"
+
+
+@dataclass
+class SlotGroup:
+    """Slots of modules that read one input and whose outputs the graph packs side by side (q|k|v, gate|up),
+    computed as one pair of products ``x @ a @ b`` (``edgelora.slot_groups``): ``a`` holds the modules'
+    factors side by side along the rank axis, one block of equal rank each, and ``b`` is block-diagonal,
+    each module's block in its own columns of the packed output and zeros elsewhere."""
+
+    a: str  # the float [in, modules * r] factor in the graph
+    b: str  # the float [modules * r, width] factor
+    modules: list[str]  # in the order of their rank blocks
+    offsets: list[int]  # the column where each module's output starts in the packed output
+    widths: list[int]  # each module's output width
+    width: int  # the packed output's width, which may hold modules without a slot
 
 
 @dataclass
@@ -61,6 +77,7 @@ class Manifest:
     base_fingerprint: str
     graph: dict  # file, inputs, outputs, num_layers, num_kv_heads, head_dim, vocab_size
     slots: list[Slot]
+    slot_groups: list[SlotGroup] = field(default_factory=list)
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
     generation: dict = field(default_factory=dict)  # eos_token_ids, bos_token_id, pad_token_id
     tokenizer: str | None = None

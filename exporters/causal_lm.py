@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot
+from edgelora.manifest import Slot, SlotGroup
 
 from . import repeat_layers
 from .fusion import fuse_for_ort
@@ -93,8 +93,9 @@ def sliding_windows(config) -> list[int | None]:
 
 
 def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
-                 block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
-    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest.
+                 block: int = 32, quantize: str = "none",
+                 accuracy_level: int | None = None) -> tuple[dict, list[SlotGroup]]:
+    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest and the slot groups.
 
     A deep model is traced with a few of its layers and the rest repeated in ONNX (``repeat_layers``);
     when the traced layers do not prove the others alike, with every layer.
@@ -106,14 +107,13 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     export = dict(path=path, adapter_dtype=adapter_dtype, block=block, quantize=quantize,
                   accuracy_level=accuracy_level, fuse=lambda proto: fuse_for_ort(proto, head_dim, windows))
     repeat = repeat_layers.plan(model, [s.name for s in slots])
-    fusions = None
+    exported = None
     if repeat is not None:
         try:
-            fusions = _export(model, slots, repeat=repeat, **export)
+            exported = _export(model, slots, repeat=repeat, **export)
         except repeat_layers.NotAlike as e:
             note(f"{e}: tracing every layer")
-    if fusions is None:
-        fusions = _export(model, slots, **export)
+    fusions, groups = exported or _export(model, slots, **export)
     inputs, outputs = io_names(layers)
     return {
         "file": path.name,
@@ -128,11 +128,12 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "quantization_block_size": block,
         "accuracy_level": accuracy_level,
         "fusions": fusions,
-    }
+    }, groups
 
 
 def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str, block: int, quantize: str,
-            accuracy_level: int | None, fuse, repeat: repeat_layers.Plan | None = None) -> dict:
+            accuracy_level: int | None, fuse,
+            repeat: repeat_layers.Plan | None = None) -> tuple[dict, list[SlotGroup]]:
     """Trace the model (only ``repeat.traced`` layers, when given) and write the whole model's graph."""
     layers = model.config.num_hidden_layers
     inputs, outputs = io_names(layers)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot
+from edgelora.manifest import Slot, SlotGroup
 
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
 
@@ -61,8 +61,10 @@ def max_length(config, family: str) -> int:
 
 
 def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
-                 block: int = 32, quantize: str = "none", accuracy_level: int | None = None) -> dict:
-    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest."""
+                 block: int = 32, quantize: str = "none",
+                 accuracy_level: int | None = None) -> tuple[dict, list[SlotGroup]]:
+    """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest and the slot groups
+    (none: the encoder graph is not fused, so no products are packed)."""
     config = model.config
     family, task = architecture_of(model)
     output = OUTPUTS[task]
@@ -80,7 +82,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     }
     example = {name: example[name] for name in inputs}
     lora, lora_shapes, lora_names = example_factors(slots)
-    export_slotted(wrapped, (example, lora, {}), ({name: dims for name in inputs}, lora_shapes), inputs, [output],
+    _, groups = export_slotted(wrapped, (example, lora, {}), ({name: dims for name in inputs}, lora_shapes), inputs, [output],
                    lora_names, path, adapter_dtype, block, quantize, accuracy_level)
     graph = {
         "file": path.name,
@@ -97,4 +99,4 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     }
     if task == "sequence-classification":
         graph["id2label"] = {str(i): label for i, label in sorted(config.id2label.items())}
-    return graph
+    return graph, groups

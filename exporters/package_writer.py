@@ -6,6 +6,7 @@ failure or a kill leaves the previous package, or none, never half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -17,7 +18,7 @@ from edgelora.codec import BLOCK_SIZES, check_dtype
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
 from edgelora.fileio import atomic_dir, check_name, exclusive, sha256_file
-from edgelora.manifest import AdapterEntry, Manifest, Quality, Slot, load_manifest
+from edgelora.manifest import AdapterEntry, Manifest, Quality, Slot, SlotGroup, load_manifest
 from edgelora.progress import Steps
 from edgelora.sidecar import write_sidecar
 
@@ -71,12 +72,19 @@ def base_fingerprint(model) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def grouped_slots(slots: list[Slot], groups: list[SlotGroup]) -> list[Slot]:
+    """The slots, those in a group pointing at the group's graph factors."""
+    group_of = {module: group for group in groups for module in group.modules}
+    return [dataclasses.replace(s, a=group_of[s.name].a, b=group_of[s.name].b) if s.name in group_of else s
+            for s in slots]
+
+
 def write_adapter_entry(package: Path, name: str, factors: AdapterFactors, source: Path, dtype: str,
-                        block: int, fingerprint: str) -> AdapterEntry:
+                        block: int, fingerprint: str, groups: list[SlotGroup]) -> AdapterEntry:
     """The blob, its ``NAME.json`` sidecar (base fingerprint, sha256: the blob stays checkable when copied
     out of the package on its own) and its manifest entry."""
     rel = f"adapters/{name}{SUFFIX}"
-    size = write_adapter(package / rel, factors, dtype, block)
+    size = write_adapter(package / rel, factors, dtype, block, groups)
     digest = sha256_file(package / rel)
     write_sidecar(package / rel, fingerprint, digest)
     return AdapterEntry(
@@ -217,8 +225,9 @@ def export_package(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
             with phases.shown(steps.stream if progress else None):
-                graph = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size, quantize,
-                                              accuracy_level)
+                graph, groups = exporter.export_graph(model, slots, tmp / "model.onnx", adapter_dtype, block_size,
+                                                      quantize, accuracy_level)
+        slots = grouped_slots(slots, groups)
         entries = {}
         if merged:
             base = base_tensors(tmp / "model.onnx")
@@ -237,7 +246,7 @@ def export_package(
         with steps.step(f"writing {'merged entries' if merged else adapter_dtype + ' adapters'}"):
             if not merged:
                 entries = {name: write_adapter_entry(tmp, name, f, Path(adapters[name]), adapter_dtype, block_size,
-                                                   fingerprint)
+                                                   fingerprint, groups)
                            for name, f in factors.items()}
         with steps.step("writing manifest and tokenizer"):
             tokenizer = None
@@ -252,6 +261,7 @@ def export_package(
                 base_fingerprint=fingerprint,
                 graph=graph,
                 slots=slots,
+                slot_groups=groups,
                 adapters=entries,
                 generation=generation_info(base_dir, model.config),
                 tokenizer=tokenizer,
@@ -332,7 +342,7 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
         entry = manifest.adapters[name]
         report[name] = measured(
             name, with_adapter(model, f), dtype=entry.dtype,
-            delta_rel_error=None if manifest.mode == "merged" else delta_error(f, package / entry.file),
+            delta_rel_error=None if manifest.mode == "merged" else delta_error(f, package / entry.file, manifest.slot_groups),
         )
     return report
 
@@ -373,11 +383,11 @@ def add_adapter(package: str | Path, name: str, peft_dir: str | Path, overwrite:
         # blob, sidecar and manifest change together or not at all: a linked copy of the package, swapped in whole
         with atomic_dir(package.resolve(), update=True) as tmp:
             entry = write_adapter_entry(tmp, name, factors, Path(peft_dir), manifest.adapter_dtype,
-                                        manifest.adapter_block_size, manifest.base_fingerprint)
+                                        manifest.adapter_block_size, manifest.base_fingerprint, manifest.slot_groups)
             manifest.adapters[name] = entry
             manifest.save(tmp)
             if model is None:  # the stored delta's error needs no base; either branch replaces an old report
-                error = delta_error(factors, tmp / entry.file)
+                error = delta_error(factors, tmp / entry.file, manifest.slot_groups)
                 manifest.quality[name] = Quality(dtype=entry.dtype, delta_rel_error=error)
             else:  # the runtime reads the package from disk: the manifest above already has the new adapter
                 manifest.quality.update(quality_report(model, {name: factors}, tmp, manifest, probes, with_base=False))

@@ -8,9 +8,10 @@ onnxruntime's GroupQueryAttention takes the packed ``[q | k | v]`` as its query 
 are left out, as in onnxruntime-genai's graphs. The packing runs on the float graph, before base
 quantization, so MatMulNBits quantizes the packed weight like any other.
 
-LoRA slots stay per module, so adapters keep PEFT's layout: when all three projections carry a slot,
-their deltas are concatenated and added to the packed product once; when only some do (PEFT's
-default targets q and v only), the packed product is split and each slotted part gets its own delta.
+The slots of packed modules become one slot group per packed product (``group_slots``): one
+``(x @ a) @ b`` added to the product before its Split, instead of a delta per module joined by a
+Concat or added part by part. Adapters keep PEFT's per-module layout everywhere else
+(``edgelora.slot_groups`` converts at the blob's edge).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from edgelora.manifest import SlotGroup
+from edgelora.slot_groups import factor_names, group_name
 
 
 @dataclass
@@ -173,3 +177,140 @@ def _packed_group(group: list, inits: dict) -> tuple[list, list]:
     nodes = [helper.make_node("MatMul", [group[0].input[0], prefix + ".weight"], [prefix]),
              helper.make_node("Split", [prefix, prefix + ".widths"], [n.output[0] for n in group], axis=-1)]
     return nodes, new_inits
+
+
+def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
+    """Rewrite, in place, the slots of modules whose products were packed into one pair of grouped factors per
+    packed product (``edgelora.slot_groups``), added to the product before it is split; returns the groups.
+
+    Runs on the float slots, before the slot codec: the group's factors are then encoded like any slot's.
+    """
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inputs = {value.name: value for value in graph.input}
+    inits = {t.name for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type == "Split" and len(node.input) == 2 and node.input[1] in inits:
+            members = _split_members(node, graph, producer, consumers, inputs, inits)
+        elif node.op_type == "Add":
+            members = _concat_members(node, producer, consumers, inputs)
+        else:
+            continue
+        if len(members) > 1:
+            found.append((node, members))
+    groups, before, drop, renames, new_inputs, removed_inputs = [], {}, set(), {}, [], set()
+    for node, members in found:
+        modules = [m.module for m in members]
+        name = group_name(modules)
+        a, b = factor_names(name)
+        rank, width = "rank_" + name, members[0].width
+        in_features = inputs[members[0].a].type.tensor_type.shape.dim[0].dim_value
+        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, rank]),
+                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, [rank, width])]
+        # named: base quantization tells the slot products it leaves alone by their names
+        nodes = [helper.make_node("MatMul", [members[0].x, a], [name + ".lora_product"], name=name + ".lora_product"),
+                 helper.make_node("MatMul", [name + ".lora_product", b], [name + ".lora_delta"],
+                                  name=name + ".lora_delta")]
+        if node.op_type == "Split":
+            nodes.append(helper.make_node("Add", [node.input[0], name + ".lora_delta"], [name + ".adapted"],
+                                          name=name + ".adapted"))
+            node.input[0] = name + ".adapted"
+        else:
+            drop.add(id(producer[node.input[1]]))  # the Concat of the deltas
+            node.input[1] = name + ".lora_delta"
+        before[id(node)] = (nodes, [])
+        for m in members:
+            drop.update(id(n) for n in m.nodes)
+            removed_inputs.update((m.a, m.b))
+            if m.joined is not None:
+                renames[m.joined.output[0]] = m.kept
+        groups.append(SlotGroup(a=a, b=b, modules=modules, offsets=[m.offset for m in members],
+                                widths=[m.out for m in members], width=width))
+    if not groups:
+        return []
+    _rebuild(graph, before, drop)
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = renames.get(name, name)
+    kept_inputs = [v for v in graph.input if v.name not in removed_inputs]
+    del graph.input[:]
+    graph.input.extend(kept_inputs + new_inputs)
+    return groups
+
+
+@dataclass
+class SlotMember:
+    """One slot's ``(x @ a) @ b`` and how it joins its module's output."""
+
+    module: str
+    x: str
+    a: str
+    b: str
+    offset: int  # where the module's columns start in the packed product
+    out: int  # how many
+    width: int  # the packed product's
+    nodes: list  # the slot's own nodes, and its Add when it has one
+    joined: object | None  # that Add, whose output becomes ``kept``
+    kept: str | None
+
+
+def _slot_delta(name: str, producer: dict, consumers: dict, inputs: dict) -> tuple[str, str, str, list] | None:
+    """(x, a, b, nodes) when ``name`` is a slot's ``(x @ a) @ b`` used only where it is added."""
+    outer = producer.get(name)
+    if outer is None or outer.op_type != "MatMul" or len(consumers.get(name, [])) != 1:
+        return None
+    inner = producer.get(outer.input[0])
+    if inner is None or inner.op_type != "MatMul" or len(consumers.get(inner.output[0], [])) != 1:
+        return None
+    a, b = inner.input[1], outer.input[1]
+    if a not in inputs or b not in inputs or not a.endswith(".lora_A") or (a[: -len("A")] + "B") != b:
+        return None
+    return inner.input[0], a, b, [inner, outer]
+
+
+def _split_members(split, graph, producer, consumers, inputs, inits) -> list[SlotMember]:
+    """The slots added to the parts of a packed product's Split (directly, or after a constant bias Add)."""
+    packed = producer.get(split.input[0])
+    if packed is not None and packed.op_type == "Add" and any(i in inits for i in packed.input):
+        packed = producer.get(next(i for i in packed.input if i not in inits))  # through a bias
+    if packed is None or packed.op_type != "MatMul":
+        return []
+    widths = next(numpy_helper.to_array(t) for t in graph.initializer if t.name == split.input[1]).tolist()
+    offsets = np.cumsum([0] + widths[:-1]).tolist()
+    members = []
+    for part, offset, out in zip(split.output, offsets, widths):
+        value = part
+        users = consumers.get(value, [])
+        if len(users) == 1 and users[0].op_type == "Add" and any(i in inits for i in users[0].input):
+            value = users[0].output[0]  # a bias: the delta joins after it
+            users = consumers.get(value, [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        delta = add.input[1] if add.input[0] == value else add.input[0]
+        slot = _slot_delta(delta, producer, consumers, inputs)
+        if slot is None or slot[0] != packed.input[0]:
+            continue
+        x, a, b, nodes = slot
+        members.append(SlotMember(a[: -len(".lora_A")], x, a, b, offset, out, sum(widths), nodes + [add], add, value))
+    return members
+
+
+def _concat_members(add, producer, consumers, inputs) -> list[SlotMember]:
+    """The slots of ``packed + Concat(deltas)``, pack_qkv's join when every projection has one."""
+    concat = producer.get(add.input[1])
+    if concat is None or concat.op_type != "Concat" or len(consumers.get(concat.output[0], [])) != 1:
+        return []
+    slots = [_slot_delta(d, producer, consumers, inputs) for d in concat.input]
+    if any(s is None for s in slots) or len({s[0] for s in slots}) != 1:
+        return []
+    outs = [inputs[b].type.tensor_type.shape.dim[1].dim_value for _, _, b, _ in slots]
+    offsets = np.cumsum([0] + outs[:-1]).tolist()
+    return [SlotMember(a[: -len(".lora_A")], x, a, b, offset, out, sum(outs), nodes, None, None)
+            for (x, a, b, nodes), offset, out in zip(slots, offsets, outs)]
+

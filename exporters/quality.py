@@ -10,6 +10,7 @@ import numpy as np
 from edgelora.adapter_file import read_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors
+from edgelora.manifest import SlotGroup
 
 from .train import IGNORE, encode, read_examples
 
@@ -53,13 +54,14 @@ def examples_probe(path: str | Path, tokenizer) -> Probe:
     return Probe(rows, scored, f"{Path(path).name}, {count} completion tokens of {len(rows)} examples")
 
 
-def delta_error(reference: AdapterFactors, blob_path) -> float:
+def delta_error(reference: AdapterFactors, blob_path, groups: list[SlotGroup]) -> float:
     """‖Δq − Δ‖ / ‖Δ‖ over all modules, Δq from the blob exactly as the graph dequantizes it."""
-    stored, _ = read_adapter(blob_path)
+    stored, _ = read_adapter(blob_path, groups)
     num = den = 0.0
     for module in reference.modules:
         want = reference.delta(module)
-        num += float(((stored.delta(module) - want) ** 2).sum())
+        got = stored.delta(module) if module in stored.modules else np.zeros_like(want)  # an all-zero module
+        num += float(((got - want) ** 2).sum())
         den += float((want**2).sum())
     return float(np.sqrt(num / den)) if den else 0.0
 

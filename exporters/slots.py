@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from edgelora import codec
-from edgelora.adapter_file import slot_inputs
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot
+from edgelora.manifest import Slot, SlotGroup
+from edgelora.slot_groups import factor_names
 
 from .base_quant import quantize_base
+from .packing import group_slots
 from .phases import phase
 
 OPSET = 21  # int4 slots unpack with BitwiseAnd, which needs ≥ 18
@@ -106,7 +107,7 @@ def slots_for(model: nn.Module, modules: list[str], dtype: str = "fp32") -> list
         except AttributeError:
             raise EdgeLoraError(f"the base model has no module {name} targeted by an adapter") from None
         in_features, out_features = slot_shape(module, name)
-        a, b = slot_inputs(name)
+        a, b = factor_names(name)
         slots.append(Slot(name=name, a=a, b=b, in_features=in_features, out_features=out_features, dtype=dtype))
     return slots
 
@@ -144,11 +145,13 @@ def conv1d_as_matmul():
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
                    accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
-                   labels: tuple[str, str] = ("tracing", "")) -> dict[str, int]:
-    """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts.
+                   labels: tuple[str, str] = ("tracing", "")) -> tuple[dict[str, int], list[SlotGroup]]:
+    """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts and the
+    slot groups.
 
     ``fuse`` (proto -> (proto, counts)) rewrites the traced graph into onnxruntime's fused ops; it runs
-    the exporter's optimizer itself, so the trace skips it. Slots are traced as float inputs, then
+    the exporter's optimizer itself, so the trace skips it. The slots of modules whose products it packed
+    become slot groups. Slots are traced as float inputs, then
     rewritten to take ``adapter_dtype`` factors with the dequantization in the graph, so one trace
     serves every codec. ``expand`` (proto -> proto) turns a graph traced from part of the model, with
     the I/O names ``traced_io`` (inputs, outputs), into the whole model's graph before the fusion.
@@ -176,10 +179,15 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
         with phase(labels[1]):
             proto = expand(proto)
         _check_io(proto, inputs + lora_names, outputs)
-    fusions = {}
+    fusions, groups = {}, []
     if fuse is not None:
         with quiet_exporter(), phase("fusing"):  # onnx_ir logs each pass at INFO, with stack traces
             proto, fusions = fuse(proto)
+            groups = group_slots(proto)
+        grouped = {name for group in groups for module in group.modules for name in factor_names(module)}
+        if groups:
+            fusions["slot_groups"] = len(groups)
+        lora_names = [n for n in lora_names if n not in grouped] + [n for g in groups for n in (g.a, g.b)]
     _rename_dynamic_dims(proto)
     with phase(f"{adapter_dtype} slots"):
         codec.encode_slots(proto, lora_names, adapter_dtype, block)
@@ -196,7 +204,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
             location=path.name + ".data",
             size_threshold=1024,
         )
-    return fusions
+    return fusions, groups
 
 
 def _check_io(proto: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> None:

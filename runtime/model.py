@@ -123,7 +123,7 @@ class EdgeModel(EncoderTasks):
         session = _session(graph_path, options)
         budget = None if adapter_memory_mb is None else int(adapter_memory_mb * 1024 * 1024)
         registry = AdapterRegistry(session, package, manifest.adapters, manifest.slots, budget, verify,
-                                   manifest.base_fingerprint, manifest.adapter_block_size)
+                                   manifest.base_fingerprint, manifest.adapter_block_size, manifest.slot_groups)
         if verify:
             registry.verify_in_background()
         tokenizer = None

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from edgelora.adapter_file import adapter_parameters, read_adapter, read_ort_parameters
 from edgelora.errors import EdgeLoraError
 from edgelora.fileio import check_name, sha256_file
-from edgelora.manifest import AdapterEntry, Slot
+from edgelora.manifest import AdapterEntry, Slot, SlotGroup
 from edgelora.sidecar import read_sidecar
 
 from .binding import BindingPool
@@ -45,10 +45,12 @@ class ResidentAdapter:
 class AdapterRegistry:
     def __init__(self, session: ort.InferenceSession, package: Path, entries: dict[str, AdapterEntry],
                  slots: list[Slot], memory_budget_bytes: int | None = None, verify: bool = True,
-                 base_fingerprint: str | None = None, block_size: int = 32):
+                 base_fingerprint: str | None = None, block_size: int = 32, groups: list[SlotGroup] = ()):
         self.session = session
         self.package = package
-        self.codec = (slots[0].dtype if slots else "fp32", block_size)  # compositions are stored as the slots take them
+        self.groups = list(groups)
+        # compositions are stored as the slots take them
+        self.codec = (slots[0].dtype if slots else "fp32", block_size, self.groups)
         self.entries = dict(entries)
         self.paths: dict[str, Path] = {}
         self.slots = {s.name: s for s in slots}
@@ -213,7 +215,7 @@ class AdapterRegistry:
             params, owner = read_ort_parameters(path)
             size = path.stat().st_size
         else:
-            parts = [(read_adapter(self._checked_path(name)[0])[0], weight) for name, weight in spec]
+            parts = [(read_adapter(self._checked_path(name)[0], self.groups)[0], weight) for name, weight in spec]
             factors = compose(parts)
             # quantized slots take the composed factors quantized again (exact for int8 A columns, a second
             # rounding for the re-scaled B); the values share the arrays' memory, so the arrays are kept
@@ -266,7 +268,7 @@ class AdapterRegistry:
         return entry.rank if entry is not None else self._check_shapes(name, path)
 
     def _check_shapes(self, name: str, path: Path) -> int:
-        factors, dtype = read_adapter(path)
+        factors, dtype = read_adapter(path, self.groups)
         for module, f in factors.modules.items():
             slot = self.slots.get(module)
             if slot is None:

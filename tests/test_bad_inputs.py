@@ -22,6 +22,7 @@ from edgelora.errors import EXIT_BAD_INPUT, EdgeLoraError
 
 Q = "model.layers.0.self_attn.q_proj"
 QA, QB = f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lora_B.weight"
+O = "model.layers.0.self_attn.o_proj"  # a slot in no slot group: a blob may hold it alone
 
 
 @dataclass
@@ -149,7 +150,7 @@ def blob(factors_of, dtype: str = "fp32", sidecar=None):
     return apply
 
 
-def q_factors(n_in=32, n_out=32, module=Q, fill=0.1):
+def q_factors(n_in=32, n_out=32, module=O, fill=0.1):
     return lambda: {module: (np.full((n_in, 4), fill), np.full((4, n_out), fill))}
 
 
@@ -259,6 +260,8 @@ CASES = [
      "not a readable .onnx_adapter file", XBLOB),
     ("path-blob-other-base", blob(q_factors(64, 64)), load_path_adapter(), "is it for another base model?", XBLOB),
     ("path-blob-no-slot", blob(q_factors(module="lm_head")), load_path_adapter(), "which has no LoRA slot", XBLOB),
+    ("path-blob-ungrouped", blob(q_factors(module=Q)), load_path_adapter(),
+     "holds model.layers.0.self_attn.q_proj alone, but the graph computes it in slot group", XBLOB),
     ("path-blob-fp16", blob(q_factors(), "fp16"), load_path_adapter(), "holds fp16 factors but the graph's slots "
      "take fp32", XBLOB),
     ("path-blob-nan", blob(q_factors(fill=float("nan"))), load_path_adapter(), "NaN or Inf values", XBLOB),
@@ -275,8 +278,8 @@ CASES = [
     ("manifest-empty", write(MANIFEST, ""), INSPECT, "not valid JSON", MANIFEST),
     ("manifest-truncated", truncate(MANIFEST), GEN, "not valid JSON", MANIFEST),
     ("manifest-not-object", write(MANIFEST, "[]"), INSPECT, "expected a JSON object", MANIFEST),
-    ("manifest-newer-format", manifest(lambda m: m.update(format_version=2)), GEN,
-     "format version 2 is newer than this edgelora reads (1); upgrade edgelora", MANIFEST),
+    ("manifest-newer-format", manifest(lambda m: m.update(format_version=3)), GEN,
+     "format version 3 is newer than this edgelora reads (2); upgrade edgelora", MANIFEST),
     ("manifest-version-string", manifest(lambda m: m.update(format_version="1")), INSPECT,
      "format_version is missing or not an integer", MANIFEST),
     ("manifest-slots-missing", manifest(lambda m: m.pop("slots")), INSPECT, "slots: missing field", MANIFEST),

@@ -176,3 +176,41 @@ def test_adapter_parameters_read_back_equal(tmp_path):
     back = read_adapter(tmp_path / "x.onnx_adapter")[0].modules["m.q"]
     np.testing.assert_array_equal(back.a, factors.modules["m.q"].a)
     np.testing.assert_array_equal(back.b, factors.modules["m.q"].b)
+
+
+def test_a_slot_group_blob_reads_back_per_module(tmp_path):
+    """A group stacks its modules' ranks (padded to the largest) with block-diagonal columns; reading back gives
+    each module its own factors, quantized exactly as alone, and a module the adapter lacks stays absent."""
+    import pytest
+
+    from edgelora.adapter_file import read_adapter, read_parameters, write_adapter
+    from edgelora.errors import EdgeLoraError
+    from edgelora.manifest import SlotGroup
+    from edgelora.slot_groups import factor_names, group_name
+
+    name = group_name(["m.q", "m.k", "m.v"])
+    assert name == "m.q+k+v"
+    groups = [SlotGroup(*factor_names(name), modules=["m.q", "m.k", "m.v"], offsets=[0, 8, 12], widths=[8, 4, 4],
+                        width=16)]
+    rng = np.random.default_rng(0)
+
+    def pair(k, r, n):
+        return ModuleFactors(rng.standard_normal((k, r), np.float32), rng.standard_normal((r, n), np.float32))
+
+    factors = AdapterFactors({"m.q": pair(16, 4, 8), "m.k": pair(16, 2, 4), "m.o": pair(16, 4, 16)}, rank=4, alpha=8)
+    for dtype in ("fp32", "int8"):
+        grouped, alone = tmp_path / f"g-{dtype}.onnx_adapter", tmp_path / f"m-{dtype}.onnx_adapter"
+        write_adapter(grouped, factors, dtype, groups=groups)
+        write_adapter(alone, factors, dtype)
+        shapes = {k: v.shape for k, v in read_parameters(grouped).items() if k.endswith((".lora_A", ".lora_A.int8"))}
+        assert shapes == {f"m.q+k+v.lora_A{'.int8' * (dtype == 'int8')}": (16, 12),
+                          f"m.o.lora_A{'.int8' * (dtype == 'int8')}": (16, 4)}
+        back, want = read_adapter(grouped, groups)[0], read_adapter(alone)[0]
+        assert set(back.modules) == {"m.q", "m.k", "m.o"}
+        for module in back.modules:
+            np.testing.assert_array_equal(back.modules[module].a, want.modules[module].a)
+            np.testing.assert_array_equal(back.modules[module].b, want.modules[module].b)
+    with pytest.raises(EdgeLoraError, match=r"m\.q\+k\+v\.lora_A is the factor of a slot group; read the blob"):
+        read_adapter(grouped)
+    with pytest.raises(EdgeLoraError, match=r"holds m\.k alone, but the graph computes it in slot group m\.q\+k\+v"):
+        read_adapter(alone, groups)

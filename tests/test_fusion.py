@@ -109,8 +109,32 @@ def test_slot_defaults_are_empty_so_runs_without_an_adapter_skip_the_products(gq
     graph = onnx.load(str(gqa_llama.package / "model.onnx"), load_external_data=False).graph
     slot_inputs = {i.name for i in graph.input if ".lora_" in i.name}
     defaults = [t for t in graph.initializer if t.name in slot_inputs]
-    assert len(defaults) == len(slot_inputs) == 4 * 7 * 2
+    assert len(defaults) == len(slot_inputs) == 4 * 4 * 2  # per layer: q|k|v and gate|up grouped, o, down
     assert all(0 in t.dims for t in defaults)
+
+
+def test_the_slots_of_packed_projections_compute_one_delta_per_group(gqa_llama):
+    """q|k|v and gate|up are packed into one product each; their slots form one group each, whose two factors
+    feed one product pair added to the packed product: no per-module product, no Concat of deltas."""
+    from edgelora.manifest import load_manifest
+
+    manifest = load_manifest(gqa_llama.package)
+    layer0 = sorted(g.modules for g in manifest.slot_groups if ".layers.0." in g.a)
+    assert len(manifest.slot_groups) == 4 * 2 and layer0 == [
+        [f"model.layers.0.mlp.{m}_proj" for m in ("gate", "up")],
+        [f"model.layers.0.self_attn.{m}_proj" for m in ("q", "k", "v")],
+    ]
+    qkv = next(g for g in manifest.slot_groups if g.modules[0].endswith("layers.0.self_attn.q_proj"))
+    assert qkv.a == "model.layers.0.self_attn.q_proj+k_proj+v_proj.lora_A"
+    assert qkv.offsets == [0, qkv.widths[0], sum(qkv.widths[:2])] and qkv.width == sum(qkv.widths)
+    slots = manifest.slot_map()
+    assert (slots["model.layers.0.self_attn.k_proj"].a, slots["model.layers.0.self_attn.o_proj"].a) == (
+        qkv.a, "model.layers.0.self_attn.o_proj.lora_A")
+    graph = onnx.load(str(gqa_llama.package / "model.onnx"), load_external_data=False).graph
+    readers = Counter(name for node in graph.node for name in node.input)
+    assert all(readers[g.a] == 1 and readers[g.b] == 1 for g in manifest.slot_groups)
+    assert not any(".q_proj.lora_" in name for name in readers)
+    assert not any(n.op_type == "Concat" and any("lora" in i for i in n.input) for n in graph.node)
 
 
 def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):

@@ -199,7 +199,7 @@ def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
     assert ops.count("MatMulNBits") == 2 * 4 + 1
     slot_inputs = {i.name for i in graph.input if ".lora_" in i.name}
     assert all(".lora_" not in n.input[1] for n in graph.node if n.op_type == "MatMulNBits")
-    assert len(slot_inputs) == 2 * 2 * 14  # int8 factors and scales for A and B of 14 slots
+    assert len(slot_inputs) == 2 * 2 * 8  # int8 factors and scales for A and B of 4 slots per layer (2 grouped)
     got = EdgeModel.open(package).logits(IDS, adapter="a")
     want = probe.reference_logits("a", IDS)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= (0.05 if quantize == "int8" else 0.5)
@@ -209,12 +209,13 @@ def test_add_adapter_encodes_in_the_package_codec(probe, tmp_path):
     import shutil
 
     from edgelora.adapter_file import read_adapter
+    from edgelora.manifest import load_manifest
 
     package = tmp_path / "pkg"
     shutil.copytree(export(probe, "int8", adapter_dtype="int8"), package)
     code, out, _ = run_cli("add-adapter", package, f"b={probe.adapter_dirs['a']}")
     assert code == 0 and "int8" in out
-    assert read_adapter(package / "adapters/b.onnx_adapter")[1] == "int8"
+    assert read_adapter(package / "adapters/b.onnx_adapter", load_manifest(package).slot_groups)[1] == "int8"
     code, _, err = run_cli("add-adapter", package, f"c={probe.adapter_dirs['a']}", "--adapter-dtype", "int4")
     assert code == 2 and "slots take int8 factors, not int4" in err
     code, out, _ = run_cli("inspect", package)

@@ -125,7 +125,7 @@ def test_adapter_loaded_from_a_path_is_shape_checked(llama, tmp_path):
     model = EdgeModel.open(llama.package)
     name = model.load_adapter(llama.package / "adapters/rs.onnx_adapter", name="copy")
     np.testing.assert_array_equal(model.logits([1, 2, 3], adapter=name), model.logits([1, 2, 3], adapter="rs"))
-    bad = AdapterFactors({"model.layers.0.self_attn.q_proj": ModuleFactors(np.ones((16, 2), np.float32),
+    bad = AdapterFactors({"model.layers.0.self_attn.o_proj": ModuleFactors(np.ones((16, 2), np.float32),
                                                                             np.ones((2, 32), np.float32))}, 2, 2.0)
     write_adapter(tmp_path / "bad.onnx_adapter", bad)
     with pytest.raises(EdgeLoraError, match=r"factors \(16, 2\) x \(2, 32\), but the slot takes \[32, r\] x \[r, 32\]"):

@@ -13,6 +13,7 @@ import pytest
 from edgelora.adapter_file import read_adapter, write_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors, ModuleFactors
+from edgelora.manifest import load_manifest
 from edgelora.runtime import EdgeModel
 
 IDS = [[1, 8, 5, 12, 12, 15, 3, 40]]
@@ -22,17 +23,22 @@ def blob(llama, name):
     return llama.package / f"adapters/{name}.onnx_adapter"
 
 
+def groups(llama):
+    return load_manifest(llama.package).slot_groups
+
+
 def one_line(excinfo) -> str:
     text = str(excinfo.value)
     assert "\n" not in text
     return text
 
 
-def scaled_copy(src, dst, factor: float):
-    """A new tenant made from an existing one: same modules, B scaled."""
-    f, _ = read_adapter(src)
+def scaled_copy(llama, src, dst, factor: float):
+    """A new tenant for the llama package made from an existing one: same modules, B scaled."""
+    slot_groups = groups(llama)
+    f, _ = read_adapter(src, slot_groups)
     write_adapter(dst, AdapterFactors({m: ModuleFactors(x.a, np.float32(factor) * x.b) for m, x in f.modules.items()},
-                                      f.rank, f.alpha))
+                                      f.rank, f.alpha), groups=slot_groups)
 
 
 # the budget, LRU and pins
@@ -90,7 +96,7 @@ def test_path_adapter_with_a_sidecar_is_checked_for_sha256_and_base(llama, tmp_p
     assert "adapter legal was built for base sha256:abababababab" in one_line(e) and "but this package's base is" in str(e.value)
 
     (tmp_path / "legal.json").write_text(json.dumps(sidecar))
-    scaled_copy(tmp_path / "legal.onnx_adapter", tmp_path / "legal.onnx_adapter", 1.5)  # same shapes, other bytes
+    scaled_copy(llama, tmp_path / "legal.onnx_adapter", tmp_path / "legal.onnx_adapter", 1.5)  # same shapes, other bytes
     with pytest.raises(EdgeLoraError) as e:
         EdgeModel.open(llama.package).load_adapter(tmp_path / "legal.onnx_adapter")
     assert one_line(e).endswith("adapter legal fails its sha256 check against its sidecar")
@@ -98,8 +104,7 @@ def test_path_adapter_with_a_sidecar_is_checked_for_sha256_and_base(llama, tmp_p
 
 
 def test_wrong_shapes_are_refused_in_one_line(llama, tmp_path):
-    f, _ = read_adapter(blob(llama, "plain"))
-    module = sorted(f.modules)[0]
+    module = "model.layers.0.self_attn.o_proj"  # in no slot group
     bad = AdapterFactors({module: ModuleFactors(np.ones((48, 2), np.float32), np.ones((2, 32), np.float32))}, 2, 2.0)
     write_adapter(tmp_path / "other.onnx_adapter", bad)
     with pytest.raises(EdgeLoraError) as e:
@@ -148,7 +153,7 @@ def test_composition_matches_peft_add_weighted_adapter_cat(llama):
     import torch
 
     peft_model = llama.peft("plain")
-    mixed, _ = read_adapter(blob(llama, "plain"))
+    mixed, _ = read_adapter(blob(llama, "plain"), groups(llama))
     peft_model.load_adapter(str(llama.adapter_dirs["plain"]), adapter_name="second")
     # a second tenant: the same PEFT adapter with B negated and halved, written both ways
     with torch.no_grad():
@@ -158,7 +163,7 @@ def test_composition_matches_peft_add_weighted_adapter_cat(llama):
     scaled = AdapterFactors({m: ModuleFactors(f.a, np.float32(-0.5) * f.b) for m, f in mixed.modules.items()}, 4, 8.0)
     model = EdgeModel.open(llama.package)
     path = llama.package.parent / "second.onnx_adapter"
-    write_adapter(path, scaled)
+    write_adapter(path, scaled, groups=groups(llama))
     model.load_adapter(path)
     peft_model.add_weighted_adapter(["default", "second"], [0.6, 0.3], "mix", combination_type="cat")
     peft_model.set_adapter("mix")
@@ -223,7 +228,7 @@ def test_text_chat_adds_special_tokens_on_the_first_turn_only(llama):
 # threads
 
 def test_threads_with_six_tenants_get_their_single_threaded_answers(llama, tmp_path):
-    scaled_copy(blob(llama, "plain"), tmp_path / "plain2.onnx_adapter", 2.0)
+    scaled_copy(llama, blob(llama, "plain"), tmp_path / "plain2.onnx_adapter", 2.0)
     specs = ["plain", "rs", "patterns", "plain2", {"plain": 0.7, "rs": 0.3}, {"patterns": 0.5}]
     prompts = [[1, 8, 5, 12, 12, 15]] * len(specs)  # one prompt: different answers come from the adapters alone
     reference = EdgeModel.open(llama.package)
