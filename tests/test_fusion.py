@@ -238,10 +238,19 @@ def test_untied_lm_head_computes_the_same_and_quantizes():
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 2 / 3
 
 
-def test_runtime_threads_do_not_spin_unless_asked(llama):
-    """Spinning worker threads slow decode down on a shared CPU; the session turns them off by default."""
+def test_runtime_threads_spin_briefly_unless_told(llama):
+    """Worker threads spin 20 µs for the next op by default (fast alone, yielding beside a busy process);
+    spin_us=0 never spins, and a bad value is refused in one line."""
+    from edgelora.errors import EdgeLoraError
     from edgelora.runtime import EdgeModel
 
-    key = "session.intra_op.allow_spinning"
-    assert EdgeModel.open(llama.package)._options.get_session_config_entry(key) == "0"
-    assert EdgeModel.open(llama.package, spin=True)._options.get_session_config_entry(key) == "1"
+    def entries(model):
+        return [model._options.get_session_config_entry(f"session.intra_op.{key}")
+                for key in ("allow_spinning", "spin_duration_us")]
+
+    assert entries(EdgeModel.open(llama.package)) == ["1", "20"]
+    assert entries(EdgeModel.open(llama.package, spin_us=500)) == ["1", "500"]
+    assert EdgeModel.open(llama.package, spin_us=0)._options.get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    with pytest.raises(EdgeLoraError, match="spin_us must be a whole number of microseconds >= 0, got True"):
+        EdgeModel.open(llama.package, spin_us=True)
