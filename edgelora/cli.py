@@ -169,7 +169,8 @@ def inspect(package):
                f"vocab {g['vocab_size']}")
     click.echo(f"base        {human_bytes(base_bytes)}, quantization {m.base_quantization}, "
                f"{m.base_fingerprint[:23]}…")
-    click.echo(f"slots       {len(m.slots)}: {', '.join(sorted({s.name.rsplit('.', 1)[-1] for s in m.slots}))}")
+    grouped = f" ({len(m.slot_groups)} slot groups)" if m.slot_groups else ""
+    click.echo(f"slots       {len(m.slots)}{grouped}: {', '.join(sorted({s.name.rsplit('.', 1)[-1] for s in m.slots}))}")
     click.echo(f"tokenizer   {m.tokenizer or 'none'}")
     click.echo(f"mode        {m.mode}" + ("" if m.mode == "merged" else f", adapter codec {m.adapter_dtype}"))
     click.echo(f"adapters    {len(m.adapters)}")

@@ -12,7 +12,7 @@ def test_export_inspect_generate(llama, tmp_path):
     assert code == 0, progress
     assert "[3/6] exporting the llama graph with 4 LoRA slots" in progress and f"wrote {out}" in text
     code, text, _ = run_cli("inspect", out)
-    assert code == 0 and "LlamaForCausalLM" in text and "slots       4: q_proj, v_proj" in text
+    assert code == 0 and "LlamaForCausalLM" in text and "slots       4 (2 slot groups): q_proj, v_proj" in text
     assert "a                   4 fp32" in text
     code, text, _ = run_cli("generate", out, "--adapter", "a", "--prompt", "Hello", "--max-new-tokens", "5")
     assert code == 0 and len(text.strip("\n")) > 0
