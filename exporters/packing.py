@@ -208,11 +208,14 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         modules = [m.module for m in members]
         name = group_name(modules)
         a, b = factor_names(name)
-        nodes, group_inits = _group_delta(name, a, b, members)
-        width = members[0].width
+        rank, width = "rank_" + name, members[0].width
         in_features = inputs[members[0].a].type.tensor_type.shape.dim[0].dim_value
-        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, "ranks_" + name]),
-                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, ["rank_" + name, width])]
+        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, rank]),
+                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, [rank, width])]
+        # named: base quantization tells the slot products it leaves alone by their names
+        nodes = [helper.make_node("MatMul", [members[0].x, a], [name + ".lora_product"], name=name + ".lora_product"),
+                 helper.make_node("MatMul", [name + ".lora_product", b], [name + ".lora_delta"],
+                                  name=name + ".lora_delta")]
         if node.op_type == "Split":
             nodes.append(helper.make_node("Add", [node.input[0], name + ".lora_delta"], [name + ".adapted"],
                                           name=name + ".adapted"))
@@ -220,7 +223,7 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         else:
             drop.add(id(producer[node.input[1]]))  # the Concat of the deltas
             node.input[1] = name + ".lora_delta"
-        before[id(node)] = (nodes, group_inits)
+        before[id(node)] = (nodes, [])
         for m in members:
             drop.update(id(n) for n in m.nodes)
             removed_inputs.update((m.a, m.b))
@@ -238,28 +241,6 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
     del graph.input[:]
     graph.input.extend(kept_inputs + new_inputs)
     return groups
-
-
-def _group_delta(name: str, a: str, b: str, members: list) -> tuple[list, list]:
-    """(nodes, initializers) computing a group's delta ``name.lora_delta`` from its input [batch, seq, in]:
-    each module's rank block times all of ``b`` ([batch, seq, modules, width]), then per column the product
-    of the module it belongs to, by a 0/1 mask and a sum over the modules. ``b`` thus holds each module's
-    factor once; a block-diagonal ``b`` [modules * r, width], one product and no mask, holds modules - 1
-    zeros for each value and was slower to widen from int8 at every step."""
-    n, width = len(members), members[0].width
-    mask = np.zeros((n, width), np.float32)
-    for i, m in enumerate(members):
-        mask[i, m.offset:m.offset + m.out] = 1
-    inits = [numpy_helper.from_array(np.array([0, 0, n, -1], np.int64), name + ".rank_blocks"),
-             numpy_helper.from_array(mask, name + ".columns"),
-             numpy_helper.from_array(np.array([-2], np.int64), name + ".module_axis")]
-    node = helper.make_node  # named: base quantization tells the slot products it leaves alone by their names
-    nodes = [node("MatMul", [members[0].x, a], [name + ".lora_product"], name=name + ".lora_product"),
-             node("Reshape", [name + ".lora_product", name + ".rank_blocks"], [name + ".lora_blocks"]),
-             node("MatMul", [name + ".lora_blocks", b], [name + ".lora_all"], name=name + ".lora_all"),
-             node("Mul", [name + ".lora_all", name + ".columns"], [name + ".lora_own"]),
-             node("ReduceSum", [name + ".lora_own", name + ".module_axis"], [name + ".lora_delta"], keepdims=0)]
-    return nodes, inits
 
 
 @dataclass

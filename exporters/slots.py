@@ -183,9 +183,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     if fuse is not None:
         with quiet_exporter(), phase("fusing"):  # onnx_ir logs each pass at INFO, with stack traces
             proto, fusions = fuse(proto)
-            # int4 factors unpack by blocks of their reduction axis, which an empty factor lacks: their defaults
-            # have rank 2, which a group's rank blocks cannot split, so int4 slots stay per module
-            groups = group_slots(proto) if adapter_dtype != "int4" else []
+            groups = group_slots(proto)
         grouped = {name for group in groups for module in group.modules for name in factor_names(module)}
         if groups:
             fusions["slot_groups"] = len(groups)
