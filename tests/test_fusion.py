@@ -137,6 +137,29 @@ def test_the_slots_of_packed_projections_compute_one_delta_per_group(gqa_llama):
     assert not any(n.op_type == "Concat" and any("lora" in i for i in n.input) for n in graph.node)
 
 
+def test_a_group_of_some_of_the_packed_modules_matches_peft(llama, tmp_path):
+    """PEFT's default targets, q and v: their group's delta joins the packed q|k|v before its Split, with zero
+    columns for k, and a path blob written with the package's groups answers as the package's own."""
+    from edgelora.adapter_file import read_adapter, write_adapter
+    from edgelora.exporters.package_writer import export_package
+    from edgelora.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
+
+    package = tmp_path / "pkg"
+    export_package(llama.base_dir, {"plain": llama.adapter_dirs["plain"]}, package, progress=False)
+    groups = load_manifest(package).slot_groups
+    first = next(g for g in groups if ".layers.0." in g.a)
+    assert first.modules == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert first.offsets[0] == 0 and first.offsets[1] > first.widths[0]  # k's columns lie between
+    ids = [[1, 40, 8, 15, 15, 18, 98, 26]]
+    model = EdgeModel.open(package)
+    assert np.abs(model.logits(ids, adapter="plain") - llama.reference_logits("plain", ids)).max() <= 1e-4
+    factors, _ = read_adapter(package / "adapters/plain.onnx_adapter", groups)
+    write_adapter(tmp_path / "copy.onnx_adapter", factors, groups=groups)
+    np.testing.assert_array_equal(model.logits(ids, adapter=model.load_adapter(tmp_path / "copy.onnx_adapter")),
+                                  model.logits(ids, adapter="plain"))
+
+
 def test_group_query_attention_keeps_the_cache_across_steps(gqa_llama):
     """Prefill, then a 2-token chunk after a cache (a chat's next turn), then single steps: as one forward pass."""
     from edgelora.runtime import EdgeModel
