@@ -123,14 +123,13 @@ def encode(tensor: str, x: np.ndarray, dtype: str, block: int = 32) -> dict[str,
         return {names[0]: np.ascontiguousarray(x)}
     if dtype == "fp16":
         return {names[0]: _in_range(tensor, x, dtype).astype(np.float16)}
-    if dtype == "int8":
-        scale = _scales(np.abs(_in_range(tensor, x, dtype)).max(axis=0, initial=0), 127)
+    if dtype == "int8":  # a slot group's tiled factor [tiles, K, N] keeps a scale per column of each tile
+        absmax = np.abs(_in_range(tensor, x, dtype)).max(axis=-2, initial=0, keepdims=x.ndim > 2)
+        scale = _scales(absmax, 127)
         q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
         return {names[0]: q, names[1]: scale}
     k, n = x.shape
-    # the rank axis of b has no fixed size: a slot group's (several ranks stacked) may not split into blocks,
-    # and is then one block, which the graph reads off the scales' shape like any block count
-    bs = k if tensor.endswith(".lora_B") and k % block else int4_block(k, block)
+    bs = int4_block(k, block)
     blocks = x.reshape(k // bs, bs, n)
     scale = _int4_scales(_in_range(tensor, blocks, dtype))  # [K/bs, N]
     q = _int4_round(blocks, scale) + 8
@@ -181,22 +180,22 @@ def dequant_nodes(value: onnx.ValueInfoProto, dtype: str, block: int):
     pair it packs, since its unpacking reshapes by a block count an empty factor does not have.
     """
     tensor = value.name
-    k_dim, n_dim = _dims(value)
+    *tiles, k_dim, n_dim = _dims(value)  # a slot group's b has a leading tile axis (fp32, fp16, int8 only)
     names = param_names(tensor, dtype)
     k_default = k_dim if isinstance(k_dim, int) else (2 if dtype == "int4" else 0)
     n_default = n_dim if isinstance(n_dim, int) else (2 if dtype == "int4" else 0)
-    zero = np.zeros((k_default, n_default), np.float32)
+    zero = np.zeros((*tiles, k_default, n_default), np.float32)
     defaults = [numpy_helper.from_array(v, k) for k, v in encode(tensor, zero, dtype, block).items()]
     if dtype == "fp32":
         return [value], [], defaults, None
     if dtype == "fp16":
-        inputs = [helper.make_tensor_value_info(names[0], TensorProto.FLOAT16, [k_dim, n_dim])]
+        inputs = [helper.make_tensor_value_info(names[0], TensorProto.FLOAT16, [*tiles, k_dim, n_dim])]
         return inputs, [helper.make_node("Cast", [names[0]], [tensor], to=TensorProto.FLOAT)], defaults, None
     scale_f = tensor + ".scale_f"
     if dtype == "int8":
         inputs = [
-            helper.make_tensor_value_info(names[0], TensorProto.INT8, [k_dim, n_dim]),
-            helper.make_tensor_value_info(names[1], TensorProto.FLOAT16, [n_dim]),
+            helper.make_tensor_value_info(names[0], TensorProto.INT8, [*tiles, k_dim, n_dim]),
+            helper.make_tensor_value_info(names[1], TensorProto.FLOAT16, [*tiles, 1, n_dim] if tiles else [n_dim]),
         ]
         nodes = [helper.make_node("Cast", [names[1]], [scale_f], to=TensorProto.FLOAT)]
         widened = not isinstance(k_dim, int)

@@ -33,12 +33,11 @@ class Slot:
 @dataclass
 class SlotGroup:
     """Slots of modules that read one input and whose outputs the graph packs side by side (q|k|v, gate|up),
-    computed as one pair of products ``x @ a @ b`` (``edgelora.slot_groups``): ``a`` holds the modules'
-    factors side by side along the rank axis, one block of equal rank each, and ``b`` is block-diagonal,
-    each module's block in its own columns of the packed output and zeros elsewhere."""
+    computed as one pair of products (``edgelora.slot_groups``): ``a`` holds the modules' factors side by
+    side along the rank axis, one block of equal rank each, and ``b`` their output columns in equal tiles."""
 
     a: str  # the float [in, modules * r] factor in the graph
-    b: str  # the float [modules * r, width] factor
+    b: str  # the float [tiles, r, tile] factor
     modules: list[str]  # in the order of their rank blocks
     offsets: list[int]  # the column where each module's output starts in the packed output
     widths: list[int]  # each module's output width

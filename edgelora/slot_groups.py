@@ -3,21 +3,24 @@ slots of a group (``manifest.SlotGroup``: q, k and v, or gate and up) share one 
 
 A decode step on a CPU pays per node more than per multiply (PERF-NOTES): five slots reading one input
 cost five products, five scalings and the joins of their outputs; as one group they cost one of each.
-On the 135M model (int4 base, int8 rank-16 adapter on all seven projections, the runtime's default
-threads) this took decode from 8.5-9.1 to 6.1-6.7 ms/token, and with no adapter from 5.8-7.0 to 4.8-5.8
-(600 fewer nodes, which run even at rank 0).
 
-Every module of a group takes the same rank, the largest the adapter gives any of them: a smaller one is
+Every module of a group takes the same rank R, the largest the adapter gives any of them: a smaller one is
 padded with zero columns of ``a`` and zero rows of ``b``, and a module the adapter does not target is all
-zeros, which changes no product. Reading back drops those rank components again.
+zeros, which changes no product. ``a`` [in, modules * R] holds the modules' factors side by side along the
+rank axis. ``b`` [tiles, R, tile] holds their output columns cut into equal tiles (the largest width that
+divides every module's columns, 192 for Llama-135M's q|k|v), each tile from the module it belongs to, so
+the graph multiplies each tile by its module's rank block in one batched product and the tiles side by
+side are the packed output. ``b`` holds no more values than the modules' own factors, and an int8 column
+scale is the module's own. Reading back drops the padding again.
 
-``b`` is block-diagonal, so it holds zeros: such a blob is 7.6 MB against 5.3 MB per module for that
-adapter. ``b`` with the modules' factors side by side [r, width] and each module's columns picked from
-its rank block's product by a mask held none, but its extra nodes cost more than widening the zeros
-saved: 10% slower with the adapter, 9% without.
+A block-diagonal ``b`` [modules * R, width] needs no tiles but holds modules - 1 zeros for each value: its
+blobs were 46% larger (7.6 against 5.3 MB for an int8 rank-16 adapter on all seven projections of the
+135M model), and widening the zeros at every step made decode 4% slower.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -43,8 +46,18 @@ def factor_names(module: str) -> tuple[str, str]:
     return f"{module}.lora_A", f"{module}.lora_B"
 
 
+def tiles(group: SlotGroup) -> tuple[int, list[int]]:
+    """(tile width, the module each tile of the packed output belongs to); a tile no module covers (a packed
+    module without a slot) is given to the first module, and its ``b`` stays zero."""
+    tile = math.gcd(*group.offsets, *group.widths, group.width)
+    owners = [0] * (group.width // tile)
+    for i, (offset, width) in enumerate(zip(group.offsets, group.widths)):
+        owners[offset // tile:(offset + width) // tile] = [i] * (width // tile)
+    return tile, owners
+
+
 def graph_factors(factors: AdapterFactors, groups: list[SlotGroup]) -> dict[str, np.ndarray]:
-    """The adapter's float factors by their graph names: a group's modules side by side, the others alone."""
+    """The adapter's float factors by their graph names: a group's modules together, the others alone."""
     grouped = {module for group in groups for module in group.modules}
     out = {}
     for group in groups:
@@ -53,8 +66,9 @@ def graph_factors(factors: AdapterFactors, groups: list[SlotGroup]) -> dict[str,
         if not present:
             continue  # the group keeps its default: no delta
         rank = max(f.rank for f in present)
+        tile, owners = tiles(group)
         a = np.zeros((present[0].in_features, rank * len(members)), np.float32)
-        b = np.zeros((rank * len(members), group.width), np.float32)
+        b = np.zeros((len(owners), rank, tile), np.float32)
         for i, (module, f, offset, width) in enumerate(zip(group.modules, members, group.offsets, group.widths)):
             if f is None:
                 continue
@@ -62,7 +76,8 @@ def graph_factors(factors: AdapterFactors, groups: list[SlotGroup]) -> dict[str,
                 raise EdgeLoraError(f"{factors.source}: module {module} has factors {f.a.shape} x {f.b.shape}, but "
                                     f"its slot takes [{a.shape[0]}, r] x [r, {width}]; is it for another base model?")
             a[:, i * rank:i * rank + f.rank] = f.a
-            b[i * rank:i * rank + f.rank, offset:offset + width] = f.b
+            first = offset // tile
+            b[first:first + width // tile, :f.rank] = f.b.reshape(f.rank, width // tile, tile).transpose(1, 0, 2)
         out[group.a], out[group.b] = a, b
     for module, f in factors.modules.items():
         if module not in grouped:
@@ -92,13 +107,17 @@ def module_factors(tensors: dict[str, np.ndarray], groups: list[SlotGroup], wher
                                     "slot groups")
             modules[module] = ModuleFactors(a, b)
             continue
-        if a.shape[1] % len(group.modules) or b.shape != (a.shape[1], group.width):
+        tile, owners = tiles(group)
+        n = len(group.modules)
+        if a.shape[1] % n or b.shape != (len(owners), a.shape[1] // n, tile):
             raise EdgeLoraError(f"{where}: slot group {name[: -len('.lora_A')]} has factors {a.shape} x {b.shape}, "
-                                f"which do not split into {len(group.modules)} modules of {group.width} columns; "
+                                f"which do not split into {n} modules and {len(owners)} tiles of {tile} columns; "
                                 "is it for another base model?")
-        rank = a.shape[1] // len(group.modules)
+        rank = b.shape[1]
         for i, (module, offset, width) in enumerate(zip(group.modules, group.offsets, group.widths)):
-            a_i, b_i = a[:, i * rank:(i + 1) * rank], b[i * rank:(i + 1) * rank, offset:offset + width]
+            first = offset // tile
+            a_i = a[:, i * rank:(i + 1) * rank]
+            b_i = np.concatenate(list(b[first:first + width // tile]), axis=1)
             used = a_i.any(axis=0) | b_i.any(axis=1)
             if used.any():
                 modules[module] = ModuleFactors(np.ascontiguousarray(a_i[:, used]), np.ascontiguousarray(b_i[used]))

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgelora.manifest import SlotGroup
-from edgelora.slot_groups import factor_names, group_name
+from edgelora.slot_groups import factor_names, group_name, tiles
 
 
 @dataclass
@@ -208,14 +208,13 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         modules = [m.module for m in members]
         name = group_name(modules)
         a, b = factor_names(name)
-        rank, width = "rank_" + name, members[0].width
+        group = SlotGroup(a=a, b=b, modules=modules, offsets=[m.offset for m in members],
+                          widths=[m.out for m in members], width=members[0].width)
+        nodes, group_inits = _group_delta(name, group, members[0].x)
+        tile, owners = tiles(group)
         in_features = inputs[members[0].a].type.tensor_type.shape.dim[0].dim_value
-        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, rank]),
-                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, [rank, width])]
-        # named: base quantization tells the slot products it leaves alone by their names
-        nodes = [helper.make_node("MatMul", [members[0].x, a], [name + ".lora_product"], name=name + ".lora_product"),
-                 helper.make_node("MatMul", [name + ".lora_product", b], [name + ".lora_delta"],
-                                  name=name + ".lora_delta")]
+        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, "ranks_" + name]),
+                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, [len(owners), "rank_" + name, tile])]
         if node.op_type == "Split":
             nodes.append(helper.make_node("Add", [node.input[0], name + ".lora_delta"], [name + ".adapted"],
                                           name=name + ".adapted"))
@@ -223,14 +222,13 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         else:
             drop.add(id(producer[node.input[1]]))  # the Concat of the deltas
             node.input[1] = name + ".lora_delta"
-        before[id(node)] = (nodes, [])
+        before[id(node)] = (nodes, group_inits)
         for m in members:
             drop.update(id(n) for n in m.nodes)
             removed_inputs.update((m.a, m.b))
             if m.joined is not None:
                 renames[m.joined.output[0]] = m.kept
-        groups.append(SlotGroup(a=a, b=b, modules=modules, offsets=[m.offset for m in members],
-                                widths=[m.out for m in members], width=width))
+        groups.append(group)
     if not groups:
         return []
     _rebuild(graph, before, drop)
@@ -241,6 +239,26 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
     del graph.input[:]
     graph.input.extend(kept_inputs + new_inputs)
     return groups
+
+
+def _group_delta(name: str, group: SlotGroup, x: str) -> tuple[list, list]:
+    """(nodes, initializers) computing ``name.lora_delta`` [batch, seq, width] from ``x`` [batch, seq, in]:
+    the product with ``a`` cut into the modules' rank blocks, each tile of the output given its module's
+    block, one batched product with the tiles of ``b`` ([batch, seq, tiles, 1, tile]), the tiles side by side."""
+    tile, owners = tiles(group)
+    node = helper.make_node  # named: base quantization tells the slot products it leaves alone by their names
+    inits = [numpy_helper.from_array(np.array([0, 0, len(group.modules), 1, -1], np.int64), name + ".rank_blocks"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), name + ".side_by_side")]
+    nodes = [node("MatMul", [x, group.a], [name + ".lora_product"], name=name + ".lora_product"),
+             node("Reshape", [name + ".lora_product", name + ".rank_blocks"], [name + ".lora_blocks"])]
+    blocks = name + ".lora_blocks"
+    if owners != list(range(len(group.modules))):
+        inits.append(numpy_helper.from_array(np.array(owners, np.int64), name + ".tile_owners"))
+        nodes.append(node("Gather", [blocks, name + ".tile_owners"], [name + ".lora_tile_blocks"], axis=-3))
+        blocks = name + ".lora_tile_blocks"
+    nodes += [node("MatMul", [blocks, group.b], [name + ".lora_tiles"], name=name + ".lora_tiles"),
+              node("Reshape", [name + ".lora_tiles", name + ".side_by_side"], [name + ".lora_delta"])]
+    return nodes, inits
 
 
 @dataclass

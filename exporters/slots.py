@@ -183,7 +183,9 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     if fuse is not None:
         with quiet_exporter(), phase("fusing"):  # onnx_ir logs each pass at INFO, with stack traces
             proto, fusions = fuse(proto)
-            groups = group_slots(proto)
+            # a group's b has a tile axis, which int4's unpacking by blocks of a 2-D factor does not take: int4
+            # slots stay per module (int4 adapters trade decode speed for size anyway)
+            groups = group_slots(proto) if adapter_dtype != "int4" else []
         grouped = {name for group in groups for module in group.modules for name in factor_names(module)}
         if groups:
             fusions["slot_groups"] = len(groups)

@@ -179,8 +179,9 @@ def test_adapter_parameters_read_back_equal(tmp_path):
 
 
 def test_a_slot_group_blob_reads_back_per_module(tmp_path):
-    """A group stacks its modules' ranks (padded to the largest) with block-diagonal columns; reading back gives
-    each module its own factors, quantized exactly as alone, and a module the adapter lacks stays absent."""
+    """A group puts its modules' factors side by side (ranks padded to the largest, output columns in tiles);
+    reading back gives each module its own factors, quantized exactly as alone, and a module the adapter lacks
+    stays absent."""
     import pytest
 
     from edgelora.adapter_file import read_adapter, read_parameters, write_adapter
@@ -202,9 +203,13 @@ def test_a_slot_group_blob_reads_back_per_module(tmp_path):
         grouped, alone = tmp_path / f"g-{dtype}.onnx_adapter", tmp_path / f"m-{dtype}.onnx_adapter"
         write_adapter(grouped, factors, dtype, groups=groups)
         write_adapter(alone, factors, dtype)
-        shapes = {k: v.shape for k, v in read_parameters(grouped).items() if k.endswith((".lora_A", ".lora_A.int8"))}
-        assert shapes == {f"m.q+k+v.lora_A{'.int8' * (dtype == 'int8')}": (16, 12),
-                          f"m.o.lora_A{'.int8' * (dtype == 'int8')}": (16, 4)}
+        shapes = {k: v.shape for k, v in read_parameters(grouped).items()}
+        int8 = dtype == "int8"
+        # b in tiles of 4 columns (q: two, k: one, v: one, all zero); int8 scales per column of each tile
+        assert shapes == {"m.q+k+v.lora_A" + ".int8" * int8: (16, 12), "m.q+k+v.lora_B" + ".int8" * int8: (4, 4, 4),
+                          "m.o.lora_A" + ".int8" * int8: (16, 4), "m.o.lora_B" + ".int8" * int8: (4, 16),
+                          **({"m.q+k+v.lora_A.scale": (12,), "m.q+k+v.lora_B.scale": (4, 1, 4),
+                              "m.o.lora_A.scale": (4,), "m.o.lora_B.scale": (16,)} if int8 else {})}
         back, want = read_adapter(grouped, groups)[0], read_adapter(alone)[0]
         assert set(back.modules) == {"m.q", "m.k", "m.o"}
         for module in back.modules:

@@ -68,6 +68,7 @@ def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= min_top1
     manifest = load_manifest(package)
     assert manifest.adapters["a"].dtype == dtype and {s.dtype for s in manifest.slots} == {dtype}
+    assert bool(manifest.slot_groups) == (dtype != "int4")  # int4 slots stay per module (exporters/slots.py)
     assert manifest.quality["a"].top1_agreement >= min_top1
     assert 0 < manifest.quality["a"].delta_rel_error < 0.2
 
