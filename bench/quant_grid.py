@@ -3,10 +3,10 @@
     .venv/bin/python bench/quant_grid.py [--work bench/work-decode] [--rounds 3] [--merged int4|none] [--fresh]
 
 Same model and adapter as bench/decode.py (run that first, or this builds and exports what it needs).
-One traced export serves the whole grid: every other package is derived from the fp32 one with the
-export's own steps (``codec.encode_slots`` for the slot codec, ``quantize_base`` for MatMulNBits) and
+One traced export serves the fp32, fp16 and int8 adapters: those packages are derived from the fp32 one with
+the export's own steps (``codec.encode_slots`` for the slot codec, ``quantize_base`` for MatMulNBits) and
 ``add-adapter``'s blob writer, which is what ``edgelora export --adapter-dtype D --quantize Q`` does after
-its trace. ``--merged Q`` also exports a merged package (``--mode merged --quantize Q``) to compare with
+its trace. int4 slots stay per module (no slot groups), so those packages are exported whole. ``--merged Q`` also exports a merged package (``--mode merged --quantize Q``) to compare with
 the separate package of the same base quantization. Variants are measured interleaved, each in its own
 process, medians over the rounds; results go to bench/RESULTS-quant.md.
 """
@@ -119,8 +119,16 @@ def main() -> None:
                         "--adapter", f"b={work / 'peft/b'}", "--out", str(src)], check=True, stdout=subprocess.DEVNULL)
     for base in BASES:
         for dtype in ADAPTERS:
-            print(f"deriving base {base}, adapter {dtype}", file=sys.stderr, flush=True)
-            derive(src, work / "grid" / f"base-{base}-adapter-{dtype}", base, dtype, work / "peft/a")
+            dst = work / "grid" / f"base-{base}-adapter-{dtype}"
+            if dtype != "int4":
+                print(f"deriving base {base}, adapter {dtype}", file=sys.stderr, flush=True)
+                derive(src, dst, base, dtype, work / "peft/a")
+            elif not dst.exists():
+                print(f"exporting base {base}, adapter {dtype}", file=sys.stderr, flush=True)
+                level = ["--accuracy-level", "4"] if base == "int4" else []
+                subprocess.run([edgelora, "export", str(work / "base"), "--adapter", f"a={work / 'peft/a'}",
+                                "--adapter-dtype", dtype, "--quantize", base, *level, "--out", str(dst)],
+                               check=True, stdout=subprocess.DEVNULL)
     merged_dir = work / "grid" / f"merged-{args.merged}"
     if args.merged != "none" and not merged_dir.exists():
         print(f"exporting merged, base {args.merged}", file=sys.stderr, flush=True)

@@ -128,6 +128,8 @@ def encode(tensor: str, x: np.ndarray, dtype: str, block: int = 32) -> dict[str,
         scale = _scales(absmax, 127)
         q = np.clip(np.rint(x / scale.astype(np.float32)), -127, 127).astype(np.int8)
         return {names[0]: q, names[1]: scale}
+    if x.ndim != 2:
+        raise EdgeLoraError(f"{tensor}: int4 factors are 2-D; a slot group's tiled factor takes fp32, fp16 or int8")
     k, n = x.shape
     bs = int4_block(k, block)
     blocks = x.reshape(k // bs, bs, n)
