@@ -363,7 +363,8 @@ def beside_busy_process(work: Path, rounds: int, reps: int) -> dict:
 
 def busy_report(rows: dict, rounds: int) -> str:
     d = {k: med(v["decode_ms"]) for k, v in rows.items()}
-    lines = ["", f"Beside one busy process (a pure-Python loop holding one of the cores; {rounds} rounds, interleaved):",
+    lines = ["", "Beside one busy process (a pure-Python loop holding one of the cores; "
+             f"{rounds} rounds, interleaved):",
              "", "| system | decode ms/token | edgelora's speed against it |", "|---|---|---|"]
     lines += [f"| {LABELS[k]} | {d[k]:.2f} | {d[k] / d['edgelora-int4']:.2f}x |" if k != "edgelora-int4"
               else f"| {LABELS[k]} | {d[k]:.2f} | |" for k in BESIDE_BUSY]

@@ -6,8 +6,9 @@ Same model and adapter as bench/decode.py (run that first, or this builds and ex
 One traced export serves the fp32, fp16 and int8 adapters: those packages are derived from the fp32 one with
 the export's own steps (``codec.encode_slots`` for the slot codec, ``quantize_base`` for MatMulNBits) and
 ``add-adapter``'s blob writer, which is what ``edgelora export --adapter-dtype D --quantize Q`` does after
-its trace. int4 slots stay per module (no slot groups), so those packages are exported whole. ``--merged Q`` also exports a merged package (``--mode merged --quantize Q``) to compare with
-the separate package of the same base quantization. Variants are measured interleaved, each in its own
+its trace. int4 slots stay per module (no slot groups), so those packages are exported whole. ``--merged Q``
+also exports a merged package (``--mode merged --quantize Q``) to compare with the separate package of the
+same base quantization. Variants are measured interleaved, each in its own
 process, medians over the rounds; results go to bench/RESULTS-quant.md.
 """
 

@@ -170,7 +170,8 @@ def inspect(package):
     click.echo(f"base        {human_bytes(base_bytes)}, quantization {m.base_quantization}, "
                f"{m.base_fingerprint[:23]}…")
     grouped = f" ({len(m.slot_groups)} slot groups)" if m.slot_groups else ""
-    click.echo(f"slots       {len(m.slots)}{grouped}: {', '.join(sorted({s.name.rsplit('.', 1)[-1] for s in m.slots}))}")
+    kinds = ", ".join(sorted({s.name.rsplit(".", 1)[-1] for s in m.slots}))
+    click.echo(f"slots       {len(m.slots)}{grouped}: {kinds}")
     click.echo(f"tokenizer   {m.tokenizer or 'none'}")
     click.echo(f"mode        {m.mode}" + ("" if m.mode == "merged" else f", adapter codec {m.adapter_dtype}"))
     click.echo(f"adapters    {len(m.adapters)}")

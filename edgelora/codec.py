@@ -1,6 +1,7 @@
 """Factor codecs: how a slot's factor is stored in a blob and turned back into float inside the graph.
 
-A factor ``x`` is [K, N] with K its reduction axis (A_t: [in, r]; B_t: [r, out]). The same codec
+A factor ``x`` is [K, N] with K its reduction axis (A_t: [in, r]; B_t: [r, out]; a slot group's B_t is
+[tiles, r, tile], ``edgelora.slot_groups``). The same codec
 serves the numpy side (encode at export, decode for checks and reports) and the ONNX side (the
 nodes that dequantize inside the graph), so what the graph computes is what the tests decode (up to the
 activation rounding of int8 products).

@@ -82,8 +82,8 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     }
     example = {name: example[name] for name in inputs}
     lora, lora_shapes, lora_names = example_factors(slots)
-    _, groups = export_slotted(wrapped, (example, lora, {}), ({name: dims for name in inputs}, lora_shapes), inputs, [output],
-                   lora_names, path, adapter_dtype, block, quantize, accuracy_level)
+    _, groups = export_slotted(wrapped, (example, lora, {}), ({name: dims for name in inputs}, lora_shapes),
+                               inputs, [output], lora_names, path, adapter_dtype, block, quantize, accuracy_level)
     graph = {
         "file": path.name,
         "inputs": inputs,

@@ -342,7 +342,8 @@ def quality_report(model, factors: dict[str, AdapterFactors], package: Path, man
         entry = manifest.adapters[name]
         report[name] = measured(
             name, with_adapter(model, f), dtype=entry.dtype,
-            delta_rel_error=None if manifest.mode == "merged" else delta_error(f, package / entry.file, manifest.slot_groups),
+            delta_rel_error=(None if manifest.mode == "merged"
+                             else delta_error(f, package / entry.file, manifest.slot_groups)),
         )
     return report
 
