@@ -192,7 +192,7 @@ def worker_swap(work: Path) -> dict:
 
 SYSTEMS = {
     # name: (worker kind, package folder, adapter, edgelora's spin_us: None for its default), a row of the results
-    # table; onnxruntime-genai keeps onnxruntime's default of unbounded spinning threads
+    # table; onnxruntime-genai runs under its own defaults
     "genai-int4": ("genai", "genai-int4", None, None),
     "edgelora-int4": ("edgelora", "edgelora-int4", "a", None),
     "edgelora-int4-nospin": ("edgelora", "edgelora-int4", "a", 0),
@@ -288,7 +288,8 @@ def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, comm
         f"process; medians). Model: SmolLM-135M-shaped Llama (vocab 49152, hidden 576, intermediate 1536, 30 layers, "
         f"9 heads, 3 KV heads, tied embeddings), random weights; rank-{RANK} adapter on all seven projections "
         f"({len(ALL) * SHAPE['num_hidden_layers']} slots); {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
-        f"greedy, EOS ignored; {THREADS} intra-op threads.",
+        f"greedy, EOS ignored; edgelora and PyTorch with {THREADS} intra-op threads, onnxruntime-genai with its own "
+        "defaults (under which it decoded on one thread on the 2-core development machine).",
         "",
         "| system | prefill ms | decode ms/token | tokens/s | peak RSS MB |",
         "|---|---|---|---|---|",
