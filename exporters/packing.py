@@ -192,11 +192,11 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     inputs = {value.name: value for value in graph.input}
-    inits = {t.name for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
     found = []
     for node in graph.node:
         if node.op_type == "Split" and len(node.input) == 2 and node.input[1] in inits:
-            members = _split_members(node, graph, producer, consumers, inputs, inits)
+            members = _split_members(node, producer, consumers, inputs, inits)
         elif node.op_type == "Add":
             members = _concat_members(node, producer, consumers, inputs)
         else:
@@ -210,11 +210,9 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
         a, b = factor_names(name)
         group = SlotGroup(a=a, b=b, modules=modules, offsets=[m.offset for m in members],
                           widths=[m.out for m in members], width=members[0].width)
-        nodes, group_inits = _group_delta(name, group, members[0].x)
-        tile, owners = tiles(group)
         in_features = inputs[members[0].a].type.tensor_type.shape.dim[0].dim_value
-        new_inputs += [helper.make_tensor_value_info(a, onnx.TensorProto.FLOAT, [in_features, "ranks_" + name]),
-                       helper.make_tensor_value_info(b, onnx.TensorProto.FLOAT, [len(owners), "rank_" + name, tile])]
+        factors, nodes, group_inits = _group_delta(name, group, members[0].x, in_features)
+        new_inputs += factors
         if node.op_type == "Split":
             nodes.append(helper.make_node("Add", [node.input[0], name + ".lora_delta"], [name + ".adapted"],
                                           name=name + ".adapted"))
@@ -241,11 +239,14 @@ def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
     return groups
 
 
-def _group_delta(name: str, group: SlotGroup, x: str) -> tuple[list, list]:
-    """(nodes, initializers) computing ``name.lora_delta`` [batch, seq, width] from ``x`` [batch, seq, in]:
-    the product with ``a`` cut into the modules' rank blocks, each tile of the output given its module's
-    block, one batched product with the tiles of ``b`` ([batch, seq, tiles, 1, tile]), the tiles side by side."""
+def _group_delta(name: str, group: SlotGroup, x: str, in_features: int) -> tuple[list, list, list]:
+    """(factor inputs, nodes, initializers) computing ``name.lora_delta`` [batch, seq, width] from ``x``
+    [batch, seq, in]: the product with ``a`` cut into the modules' rank blocks, each tile of the output given its
+    module's block, one batched product with the tiles of ``b`` ([batch, seq, tiles, 1, tile]), the tiles side
+    by side."""
     tile, owners = tiles(group)
+    factors = [helper.make_tensor_value_info(group.a, onnx.TensorProto.FLOAT, [in_features, "ranks_" + name]),
+               helper.make_tensor_value_info(group.b, onnx.TensorProto.FLOAT, [len(owners), "rank_" + name, tile])]
     node = helper.make_node  # named: base quantization tells the slot products it leaves alone by their names
     inits = [numpy_helper.from_array(np.array([0, 0, len(group.modules), 1, -1], np.int64), name + ".rank_blocks"),
              numpy_helper.from_array(np.array([0, 0, -1], np.int64), name + ".side_by_side")]
@@ -258,7 +259,7 @@ def _group_delta(name: str, group: SlotGroup, x: str) -> tuple[list, list]:
         blocks = name + ".lora_tile_blocks"
     nodes += [node("MatMul", [blocks, group.b], [name + ".lora_tiles"], name=name + ".lora_tiles"),
               node("Reshape", [name + ".lora_tiles", name + ".side_by_side"], [name + ".lora_delta"])]
-    return nodes, inits
+    return factors, nodes, inits
 
 
 @dataclass
@@ -291,14 +292,14 @@ def _slot_delta(name: str, producer: dict, consumers: dict, inputs: dict) -> tup
     return inner.input[0], a, b, [inner, outer]
 
 
-def _split_members(split, graph, producer, consumers, inputs, inits) -> list[SlotMember]:
+def _split_members(split, producer, consumers, inputs, inits) -> list[SlotMember]:
     """The slots added to the parts of a packed product's Split (directly, or after a constant bias Add)."""
     packed = producer.get(split.input[0])
     if packed is not None and packed.op_type == "Add" and any(i in inits for i in packed.input):
         packed = producer.get(next(i for i in packed.input if i not in inits))  # through a bias
     if packed is None or packed.op_type != "MatMul":
         return []
-    widths = next(numpy_helper.to_array(t) for t in graph.initializer if t.name == split.input[1]).tolist()
+    widths = numpy_helper.to_array(inits[split.input[1]]).tolist()
     offsets = np.cumsum([0] + widths[:-1]).tolist()
     members = []
     for part, offset, out in zip(split.output, offsets, widths):
@@ -331,4 +332,3 @@ def _concat_members(add, producer, consumers, inputs) -> list[SlotMember]:
     offsets = np.cumsum([0] + outs[:-1]).tolist()
     return [SlotMember(a[: -len(".lora_A")], x, a, b, offset, out, sum(outs), nodes, None, None)
             for (x, a, b, nodes), offset, out in zip(slots, offsets, outs)]
-
