@@ -7,6 +7,7 @@ Using ORT's format (not our own) means a package also runs in plain onnxruntime 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +15,23 @@ import onnxruntime as ort
 
 from . import codec
 from .errors import EdgeLoraError
-from .factors import AdapterFactors
+from .factors import AdapterFactors, ModuleFactors
 from .fileio import atomic_path
 from .manifest import SlotGroup
 from .slot_groups import factor_names, graph_factors, module_factors
 
 SUFFIX = ".onnx_adapter"
 # Bumped when the meaning of the parameters changes; ORT stores it in the file header.
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2  # 2: int8 b as plain integers
 
 
 def adapter_parameters(factors: AdapterFactors, dtype: str = "fp32", block: int = 32,
                        groups: list[SlotGroup] = ()) -> dict[str, np.ndarray]:
     """The blob's parameters in a codec, for a graph with these slot groups; an adapter the codec cannot hold
     is refused naming its source."""
+    if dtype == "int8":
+        factors = replace(factors, modules={m: ModuleFactors(*codec.balance_int8(f.a, f.b))
+                                            for m, f in factors.modules.items()})
     params = {}
     try:
         for name, factor in graph_factors(factors, list(groups)).items():
@@ -80,8 +84,13 @@ def read_adapter(path: str | os.PathLike, groups: list[SlotGroup] = ()) -> tuple
     """
     params = read_parameters(path)
     dtype = codec.dtype_of(params)
+    names = sorted({codec.tensor_of(name, dtype) for name in params})
+    stray = sorted(set(params) - {p for t in names for p in codec.param_names(t, dtype)})
+    if stray:  # e.g. the column scales of an int8 b, which edgelora before format 3 wrote
+        raise EdgeLoraError(f"{path}: unexpected parameter {stray[0]}; was the blob written by another "
+                            "edgelora version? export it again")
     tensors = {}
-    for name in sorted({codec.tensor_of(name, dtype) for name in params}):
+    for name in names:
         if not name.endswith((".lora_A", ".lora_B")):
             raise EdgeLoraError(f"{path}: unexpected parameter {name}")
         pair = factor_names(name.rsplit(".", 1)[0])

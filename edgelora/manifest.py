@@ -14,7 +14,7 @@ from .errors import EdgeLoraError
 from .fileio import check_name, read_json_object, write_text_atomic
 
 FILENAME = "edgelora.json"
-FORMAT_VERSION = 2  # 2: slot groups
+FORMAT_VERSION = 3  # 2: slot groups; 3: int8 b as plain integers, its scales in a's (fp32)
 
 
 @dataclass

@@ -13,8 +13,9 @@ zeros, which changes no product. ``a`` [in, modules * R] holds the modules' fact
 rank axis. ``b`` [tiles, R, tile] holds their output columns cut into equal tiles (the largest width that
 divides every module's columns, 192 for Llama-135M's q|k|v), each tile from the module it belongs to, so
 the graph multiplies each tile by its module's rank block in one batched product and the tiles side by
-side are the packed output. ``b`` holds no more values than the modules' own factors, and an int8 column
-scale is the module's own. Reading back drops the padding again.
+side are the packed output. ``b`` holds no more values than the modules' own factors, and int8 balances
+each module's factors before the layout (``codec.balance_int8``), so a rank component's scale is its module's
+own. Reading back drops the padding again.
 
 A block-diagonal ``b`` [modules * R, width] needs no tiles but holds modules - 1 zeros for each value: its
 blobs were 46% larger (7.6 against 5.3 MB for that adapter), resident adapters too, and it decoded no

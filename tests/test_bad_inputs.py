@@ -150,6 +150,17 @@ def blob(factors_of, dtype: str = "fp32", sidecar=None):
     return apply
 
 
+def int8_blob_with_b_scales(ctx: Ctx):
+    """An int8 blob as edgelora wrote them before format 3: b with column scales of its own."""
+    import onnxruntime as ort
+
+    params = {f"{O}.lora_A.int8": np.ones((32, 4), np.int8), f"{O}.lora_A.scale": np.ones(4, np.float16),
+              f"{O}.lora_B.int8": np.ones((4, 32), np.int8), f"{O}.lora_B.scale": np.ones(32, np.float16)}
+    fmt = ort.AdapterFormat()
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(ctx.tmp / "x.onnx_adapter"))
+
+
 def q_factors(n_in=32, n_out=32, module=O, fill=0.1):
     return lambda: {module: (np.full((n_in, 4), fill), np.full((4, n_out), fill))}
 
@@ -265,6 +276,8 @@ CASES = [
     ("path-blob-fp16", blob(q_factors(), "fp16"), load_path_adapter(), "holds fp16 factors but the graph's slots "
      "take fp32", XBLOB),
     ("path-blob-nan", blob(q_factors(fill=float("nan"))), load_path_adapter(), "NaN or Inf values", XBLOB),
+    ("path-blob-old-int8", int8_blob_with_b_scales, load_path_adapter(), f"unexpected parameter {O}.lora_B.scale; "
+     "was the blob written by another edgelora version? export it again", XBLOB),
     ("path-sidecar-other-base", copy_package_blob(lambda s: json.dumps({**s, "base_fingerprint": "sha256:0"})),
      load_path_adapter(), "was built for base sha256:0", XBLOB),
     ("path-sidecar-sha256", copy_package_blob(lambda s: json.dumps({**s, "sha256": "0" * 64})),
@@ -278,8 +291,8 @@ CASES = [
     ("manifest-empty", write(MANIFEST, ""), INSPECT, "not valid JSON", MANIFEST),
     ("manifest-truncated", truncate(MANIFEST), GEN, "not valid JSON", MANIFEST),
     ("manifest-not-object", write(MANIFEST, "[]"), INSPECT, "expected a JSON object", MANIFEST),
-    ("manifest-newer-format", manifest(lambda m: m.update(format_version=3)), GEN,
-     "format version 3 is newer than this edgelora reads (2); upgrade edgelora", MANIFEST),
+    ("manifest-newer-format", manifest(lambda m: m.update(format_version=4)), GEN,
+     "format version 4 is newer than this edgelora reads (3); upgrade edgelora", MANIFEST),
     ("manifest-version-string", manifest(lambda m: m.update(format_version="1")), INSPECT,
      "format_version is missing or not an integer", MANIFEST),
     ("manifest-slots-missing", manifest(lambda m: m.pop("slots")), INSPECT, "slots: missing field", MANIFEST),

@@ -102,6 +102,27 @@ def test_int8_error_is_at_most_half_a_step(x):
 
 
 @FAST
+@given(st.tuples(dims, dims, dims).flatmap(lambda s: st.tuples(
+    hnp.arrays(np.float32, s[:2], elements=finite32), hnp.arrays(np.float32, s[1:], elements=finite32))))
+def test_int8_pairs_keep_their_product_within_half_a_step_of_each_factor(pair):
+    """b is stored as integers once balanced (each nonzero row spans ±127, the product unchanged); a errs by
+    at most half its column step and b by half a unit, and the product by no more than those two allow."""
+    a, b = pair
+    a_bal, b_bal = codec.balance_int8(a, b)
+    slack = 1e-5 * (np.abs(a).astype(np.float64) @ np.abs(b)) + 1e-30
+    assert (np.abs(a_bal.astype(np.float64) @ b_bal - a.astype(np.float64) @ b) <= slack).all()
+    peak = np.abs(b_bal).max(axis=1)
+    assert np.allclose(peak[peak > 0], 127, rtol=1e-6)
+    params = {**codec.encode("t.lora_A", a_bal, "int8"), **codec.encode("t.lora_B", b_bal, "int8")}
+    assert set(params) == {"t.lora_A.int8", "t.lora_A.scale", "t.lora_B.int8"}
+    a_got, b_got = codec.decode("t.lora_A", params, "int8"), codec.decode("t.lora_B", params, "int8")
+    half_step = params["t.lora_A.scale"].astype(np.float64) / 2 * (1 + 2.0**-10)
+    bound = half_step[None, :] * np.ones_like(a_got) @ np.abs(b_bal) + np.abs(a_got) @ np.full(b.shape, 0.5)
+    err = np.abs(a_got.astype(np.float64) @ b_got - a_bal.astype(np.float64) @ b_bal)
+    assert (err <= bound * (1 + 1e-5) + slack).all()
+
+
+@FAST
 @given(st.sampled_from([32, 64]).flatmap(
     lambda block: st.tuples(st.just(block), hnp.arrays(np.float32, st.tuples(st.sampled_from([block, 2 * block]),
                                                                             dims), elements=finite32))))
@@ -162,7 +183,8 @@ def test_adapter_file_roundtrip_is_what_the_codec_decodes(scratch, adapter, dtyp
     got, got_dtype = read_adapter(path)
     assert got_dtype == dtype and set(got.modules) == set(adapter.modules)
     for module, f in adapter.modules.items():
-        for tensor, want in ((f"{module}.lora_A", f.a), (f"{module}.lora_B", f.b)):
+        pair = codec.balance_int8(f.a, f.b) if dtype == "int8" else (f.a, f.b)
+        for tensor, want in zip((f"{module}.lora_A", f"{module}.lora_B"), pair):
             expected = codec.decode(tensor, codec.encode(tensor, want, dtype, 32), dtype)
             np.testing.assert_array_equal(getattr(got.modules[module], tensor[-1].lower()), expected)
 

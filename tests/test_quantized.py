@@ -145,8 +145,9 @@ def test_plain_onnxruntime_loads_quantized_adapters(probe, dtype):
 
 
 def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
-    """Per decode step, widening every int8 factor to float was most of an int8 adapter's cost; only the
-    factors over the rank axis (B_t, empty in the rank-0 default) may still be cast."""
+    """Per decode step, widening every int8 factor to float was most of an int8 adapter's cost, and casting
+    and applying scales was most of the rest: a's products read the stored factor and its fp32 scales, and
+    b (over the rank axis, empty in the rank-0 default) has no scales, only a cast."""
     import onnx
 
     graph = onnx.load(export(probe, "int8", adapter_dtype="int8") / "model.onnx", load_external_data=False).graph
@@ -159,6 +160,9 @@ def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
     assert a_factors and len(a_factors) == len(b_factors)
     assert all(readers[name] == ["DynamicQuantizeMatMul"] for name in a_factors)
     assert all(readers[name] == ["Cast"] for name in b_factors)
+    scales = [v.name for v in graph.input if v.name.endswith(".scale")]
+    assert sorted(scales) == sorted(name.replace(".int8", ".scale") for name in a_factors)
+    assert all(readers[name] == ["DynamicQuantizeMatMul"] for name in scales)
 
 
 def test_merged_mode_matches_peft_merge_and_unload(probe):
@@ -200,7 +204,7 @@ def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
     assert ops.count("MatMulNBits") == 2 * 4 + 1
     slot_inputs = {i.name for i in graph.input if ".lora_" in i.name}
     assert all(".lora_" not in n.input[1] for n in graph.node if n.op_type == "MatMulNBits")
-    assert len(slot_inputs) == 2 * 2 * 8  # int8 factors and scales for A and B of 4 slots per layer (2 grouped)
+    assert len(slot_inputs) == 2 * 3 * 4  # int8 A and B and A's scales, 4 slots per layer (2 grouped)
     got = EdgeModel.open(package).logits(IDS, adapter="a")
     want = probe.reference_logits("a", IDS)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= (0.05 if quantize == "int8" else 0.5)
