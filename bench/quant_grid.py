@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(decode.HERE / "RESULTS-quant.md"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=1)
-    parser.add_argument("--merged", default="int4", choices=("none", *BASES))
+    parser.add_argument("--merged", default="int4", choices=("none", "int8", "int4"),
+                        help="also measure a merged package with this base quantization (none: no merged package)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--fresh", action="store_true",
                         help="derive every grid package again (after a change to edgelora's graphs or codecs)")
