@@ -16,7 +16,7 @@ A resident adapter stays quantized in memory: dequantization happens per run, in
   ``DynamicQuantizeMatMul`` on the stored factor (the activations quantized per tensor, the product in
   int8, the column scales applied in its output), and ``p @ b`` a cast of ``b`` and a plain ``MatMul``;
   an embedding slot gathers int8 rows of ``a``, widens and scales only those. Per slot that is three nodes
-  where per-column scales on both factors took seven (two scale casts, a scaling after ``p @ b``): 10-12%
+  where per-column scales on both factors took six (two scale casts, a scaling after ``p @ b``): 10-12%
   of int4 decode on the 135M model, for a delta error of 0.6% against 0.5% on the demo's trained adapters.
   A ``b`` scaled per output column would need its scales applied after the product, and fp32 scales for
   them would take the blob past 27% of PEFT's file at rank 16.

@@ -139,7 +139,7 @@ def test_int4_error_is_no_worse_than_plain_absmax_scaling(case):
 
 
 @FAST
-@given(st.sampled_from(["fp16", "int8", "int4"]),
+@given(st.sampled_from(["fp16", "int4"]),  # int8's one scale per rank component is fp32
        hnp.arrays(np.float32, (2, 2), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
 def test_values_past_fp16_range_are_refused_not_stored_as_inf(dtype, x):
     try:
