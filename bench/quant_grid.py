@@ -92,6 +92,12 @@ def package_bytes(pkg: Path, adapter: str | None) -> tuple[int, int]:
     return manifest["base_bytes"], blob
 
 
+def accuracy(base: str) -> list[str]:
+    """Export flags of a base quantization: int4 computes in int8 (accuracy level 4), as bench/decode.py's
+    int4 package does, so separate and merged packages of one base compare like for like."""
+    return ["--accuracy-level", "4"] if base == "int4" else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(decode.HERE / "work-decode"))
@@ -127,16 +133,15 @@ def main() -> None:
                 derive(src, dst, base, dtype, work / "peft/a")
             elif not dst.exists():
                 print(f"exporting base {base}, adapter {dtype}", file=sys.stderr, flush=True)
-                level = ["--accuracy-level", "4"] if base == "int4" else []
                 subprocess.run([edgelora, "export", str(work / "base"), "--adapter", f"a={work / 'peft/a'}",
-                                "--adapter-dtype", dtype, "--quantize", base, *level, "--out", str(dst)],
+                                "--adapter-dtype", dtype, "--quantize", base, *accuracy(base), "--out", str(dst)],
                                check=True, stdout=subprocess.DEVNULL)
     merged_dir = work / "grid" / f"merged-{args.merged}"
     if args.merged != "none" and not merged_dir.exists():
         print(f"exporting merged, base {args.merged}", file=sys.stderr, flush=True)
         subprocess.run([edgelora, "export", str(work / "base"), "--adapter", f"a={work / 'peft/a'}", "--mode",
-                        "merged", "--quantize", args.merged, "--out", str(merged_dir)], check=True,
-                       stdout=subprocess.DEVNULL)
+                        "merged", "--quantize", args.merged, *accuracy(args.merged), "--out", str(merged_dir)],
+                       check=True, stdout=subprocess.DEVNULL)
     runs = variants(work, args.merged)
     decode_ms = {k: [] for k in runs}
     for r in range(args.rounds):
