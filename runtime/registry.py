@@ -217,8 +217,9 @@ class AdapterRegistry:
         else:
             parts = [(read_adapter(self._checked_path(name)[0], self.groups)[0], weight) for name, weight in spec]
             factors = compose(parts)
-            # quantized slots take the composed factors quantized again (exact for int8 A columns, a second
-            # rounding for the re-scaled B); the values share the arrays' memory, so the arrays are kept
+            # quantized slots take the composed factors quantized again (int8 gets its stored integers back,
+            # since a weight only re-scales rank components); the values share the arrays' memory, so the
+            # arrays are kept
             owner = adapter_parameters(factors, *self.codec)
             params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in owner.items()}
             size, rank = sum(array.nbytes for array in owner.values()), factors.rank
