@@ -32,6 +32,17 @@ ADAPTERS = ("fp32", "int8", "int4")
 BLOCK = 32
 
 
+def accuracy_level(base: str) -> int | None:
+    """int4 computes in int8 (accuracy level 4), as bench/decode.py's int4 package does, so every package of one
+    base quantization (derived, exported or merged) compares like for like."""
+    return 4 if base == "int4" else None
+
+
+def accuracy_flags(base: str) -> list[str]:
+    level = accuracy_level(base)
+    return [] if level is None else ["--accuracy-level", str(level)]
+
+
 def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) -> None:
     """A package as ``export --quantize Q --adapter-dtype D`` writes it, from the fp32 package's graph."""
     import onnx
@@ -48,7 +59,7 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
     proto = onnx.load(str(src / "model.onnx"))
     factors = list(dict.fromkeys(n for s in manifest.slots for n in (s.a, s.b)))  # a group's are shared
     codec.encode_slots(proto, factors, adapter_dtype, BLOCK)
-    proto = quantize_base(proto, quantize, BLOCK, 4 if quantize == "int4" else None, set(factors))
+    proto = quantize_base(proto, quantize, BLOCK, accuracy_level(quantize), set(factors))
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,12 +103,6 @@ def package_bytes(pkg: Path, adapter: str | None) -> tuple[int, int]:
     return manifest["base_bytes"], blob
 
 
-def accuracy(base: str) -> list[str]:
-    """Export flags of a base quantization: int4 computes in int8 (accuracy level 4), as bench/decode.py's
-    int4 package does, so separate and merged packages of one base compare like for like."""
-    return ["--accuracy-level", "4"] if base == "int4" else []
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(decode.HERE / "work-decode"))
@@ -134,13 +139,13 @@ def main() -> None:
             elif not dst.exists():
                 print(f"exporting base {base}, adapter {dtype}", file=sys.stderr, flush=True)
                 subprocess.run([edgelora, "export", str(work / "base"), "--adapter", f"a={work / 'peft/a'}",
-                                "--adapter-dtype", dtype, "--quantize", base, *accuracy(base), "--out", str(dst)],
+                                "--adapter-dtype", dtype, "--quantize", base, *accuracy_flags(base), "--out", str(dst)],
                                check=True, stdout=subprocess.DEVNULL)
     merged_dir = work / "grid" / f"merged-{args.merged}"
     if args.merged != "none" and not merged_dir.exists():
         print(f"exporting merged, base {args.merged}", file=sys.stderr, flush=True)
         subprocess.run([edgelora, "export", str(work / "base"), "--adapter", f"a={work / 'peft/a'}", "--mode",
-                        "merged", "--quantize", args.merged, *accuracy(args.merged), "--out", str(merged_dir)],
+                        "merged", "--quantize", args.merged, *accuracy_flags(args.merged), "--out", str(merged_dir)],
                        check=True, stdout=subprocess.DEVNULL)
     runs = variants(work, args.merged)
     decode_ms = {k: [] for k in runs}
