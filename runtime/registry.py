@@ -1,4 +1,4 @@
-"""Resident adapters: loaded on first use (read by onnxruntime's adapter reader), checked once, evicted LRU.
+"""Resident adapters: loaded on first use (the blob mapped into memory, not copied), checked once, evicted LRU.
 
 The registry is shared by every thread of one ``EdgeModel``; a call takes a reference to the
 adapter it runs with, so an eviction during that call cannot pull the weights from under it.
@@ -35,8 +35,7 @@ from .composition import Spec, compose, label, normalize
 class ResidentAdapter:
     name: str  # a package or path adapter's name, or a composition's label
     spec: Spec
-    bindings: BindingPool  # the session with this adapter's parameters bound
-    owner: object  # what keeps the parameters' memory alive: the blob's reader, or a composition's arrays
+    bindings: BindingPool  # the session with this adapter's parameters bound (their values keep their memory)
     bytes: int
     rank: int
     load_ms: float
@@ -212,18 +211,17 @@ class AdapterRegistry:
         t0 = time.perf_counter()
         if len(spec) == 1 and spec[0][1] == 1.0:
             path, rank = self._checked_path(spec[0][0])
-            params, owner = read_ort_parameters(path)
+            params = read_ort_parameters(path)
             size = path.stat().st_size
         else:
             parts = [(read_adapter(self._checked_path(name)[0], self.groups)[0], weight) for name, weight in spec]
             factors = compose(parts)
             # quantized slots take the composed factors quantized again (int8 gets its stored integers back,
-            # since a weight only re-scales rank components); the values share the arrays' memory, so the
-            # arrays are kept
-            owner = adapter_parameters(factors, *self.codec)
-            params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in owner.items()}
-            size, rank = sum(array.nbytes for array in owner.values()), factors.rank
-        return ResidentAdapter(key, spec, BindingPool(self.session, params), owner, size, rank,
+            # since a weight only re-scales rank components)
+            arrays = adapter_parameters(factors, *self.codec)
+            params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+            size, rank = sum(array.nbytes for array in arrays.values()), factors.rank
+        return ResidentAdapter(key, spec, BindingPool(self.session, params), size, rank,
                                (time.perf_counter() - t0) * 1e3)
 
     def _checked_path(self, name: str) -> tuple[Path, int]:

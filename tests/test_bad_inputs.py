@@ -161,6 +161,15 @@ def int8_blob_with_b_scales(ctx: Ctx):
     fmt.export_adapter(str(ctx.tmp / "x.onnx_adapter"))
 
 
+def int64_blob(ctx: Ctx):
+    """A valid .onnx_adapter file whose tensor type no edgelora codec writes."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_parameters({f"{O}.lora_A": ort.OrtValue.ortvalue_from_numpy(np.ones((32, 4), np.int64))})
+    fmt.export_adapter(str(ctx.tmp / "x.onnx_adapter"))
+
+
 def q_factors(n_in=32, n_out=32, module=O, fill=0.1):
     return lambda: {module: (np.full((n_in, 4), fill), np.full((4, n_out), fill))}
 
@@ -269,6 +278,8 @@ CASES = [
     ("path-blob-empty", write(XBLOB, b""), load_path_adapter(), "adapter file is empty", XBLOB),
     ("path-blob-garbage", write(XBLOB, GARBAGE), load_path_adapter(),
      "not a readable .onnx_adapter file", XBLOB),
+    ("path-blob-int64", int64_blob, load_path_adapter(), f"parameter {O}.lora_A has tensor type 7, not one of "
+     "edgelora's", XBLOB),
     ("path-blob-other-base", blob(q_factors(64, 64)), load_path_adapter(), "is it for another base model?", XBLOB),
     ("path-blob-no-slot", blob(q_factors(module="lm_head")), load_path_adapter(), "which has no LoRA slot", XBLOB),
     ("path-blob-ungrouped", blob(q_factors(module=Q)), load_path_adapter(),

@@ -15,13 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgelora import codec
-from edgelora.adapter_file import read_adapter, write_adapter
+from edgelora.adapter_file import map_parameters, read_adapter, write_adapter
 from edgelora.errors import EdgeLoraError
 from edgelora.factors import AdapterFactors, ModuleFactors
 from edgelora.fileio import check_name
@@ -182,6 +183,12 @@ def test_adapter_file_roundtrip_is_what_the_codec_decodes(scratch, adapter, dtyp
     write_adapter(path, adapter, dtype, 32)
     got, got_dtype = read_adapter(path)
     assert got_dtype == dtype and set(got.modules) == set(adapter.modules)
+    mapped, written = map_parameters(path), ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    assert set(mapped) == set(written)  # the mapped reader reads what onnxruntime reads
+    for name, value in written.items():
+        want = value.numpy()
+        assert (mapped[name].dtype, mapped[name].shape) == (want.dtype, want.shape)
+        np.testing.assert_array_equal(mapped[name], want)
     for module, f in adapter.modules.items():
         pair = codec.balance_int8(f.a, f.b) if dtype == "int8" else (f.a, f.b)
         for tensor, want in zip((f"{module}.lora_A", f"{module}.lora_B"), pair):
