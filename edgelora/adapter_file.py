@@ -125,7 +125,8 @@ class _Tables:
         self.buf = buf
 
     def fields(self, table: int) -> list[int]:
-        """Where each of a table's fields is (from its vtable), 0 for one the table leaves out (the default)."""
+        """Where each of a table's fields is (from its vtable), 0 for one the table leaves out (the default);
+        padded with zeros, since a vtable may end before the schema's last fields."""
         vtable = table - _I32.unpack_from(self.buf, table)[0]
         if vtable < 0:
             raise ValueError(f"a table at {table} has its vtable before the file's start")
