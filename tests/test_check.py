@@ -165,6 +165,15 @@ def test_the_check_loads_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A check started by a large parent (a test runner holding torch) must not report the parent's peak as its own."""
+    child = "from edgelora.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    parent = ("import subprocess, sys, numpy as np; held = np.ones(2**30, np.uint8); "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")
+    reported = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 0 < reported < 2**29
+
+
 def test_adapter_parameters_read_back_equal(tmp_path):
     """read_parameters once returned views into freed onnxruntime memory: garbage values, right shapes."""
     from edgelora.adapter_file import read_adapter, write_adapter
