@@ -6,12 +6,12 @@
 Builds the model (random weights, tied embeddings) and a rank-16 PEFT adapter on all seven projections,
 exports it with edgelora (fp32 graph + fp32 adapter; int4 base + int8 adapter, to which a rank-1 adapter is
 added), builds the peers with onnxruntime-genai's model builder (fp32 and int4, adapter baked in with
-``adapter_path``), then measures every system in its own process, the systems interleaved round after round so that the machine's
-load hits them alike: prefill ms (32-token prompt), decode ms/token (64 new tokens, greedy, EOS ignored),
-peak RSS. Also hot swap (edgelora between two resident adapters, PEFT ``set_adapter``), export seconds,
-and the memory-bandwidth floor of the int4 package. Ratios are of medians over the rounds. Last, the int4
-systems again beside a busy process (``--busy-rounds``), since spinning threads trade speed on an idle CPU
-against speed on a shared one.
+``adapter_path``), then measures every system in its own process, the systems interleaved round after round so
+that the machine's load hits them alike: prefill ms (32-token prompt), decode ms/token (64 new tokens, greedy,
+EOS ignored), peak RSS. Also hot swap (edgelora between two resident adapters, PEFT ``set_adapter``), export
+seconds, and the memory-bandwidth floor of the int4 package. Ratios are of medians over the rounds. Last, the
+int4 systems again beside a busy process (``--busy-rounds``), since spinning threads trade speed on an idle
+CPU against speed on a shared one.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidd
              num_attention_heads=9, num_key_value_heads=3)
 PROMPT_TOKENS, NEW_TOKENS, RANK = 32, 64, 16
 THREADS = 2
-# name: (seed, rank). a and b are the adapters compared; r1, added to the int4 package, reads a sixteenth of their
-# bytes, so what it costs over no adapter is mostly what the adapter's nodes cost apart from those bytes
+# name: (seed, rank). a and b are the adapters compared; r1, added to the int4 package, reads a small part of
+# their bytes, so what it costs over no adapter is mostly what the adapter's nodes cost apart from those bytes
 ADAPTERS = {"a": (1, RANK), "b": (2, RANK), "r1": (3, 1)}
 
 
@@ -65,8 +65,9 @@ def build_model(work: Path) -> None:
         random_peft_adapter(model, work / "peft" / name, seed=seed, r=rank, alpha=2 * rank, targets=ALL)
 
 
-def timed(cmd: list[str]) -> float:
-    """Wall seconds of a build; its output is shown only if it fails (the genai builder logs every tensor)."""
+def build(cmd: list[str]) -> float:
+    """Run a build step and return its wall seconds; its output is shown only if it fails (the genai builder logs
+    every tensor)."""
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -93,11 +94,11 @@ def exports(work: Path) -> dict[str, str]:
     for name, cmd in jobs.items():
         if not (work / name).exists():
             print(f"building {name} ...", file=sys.stderr, flush=True)
-            seconds[name] = timed(cmd)
+            seconds[name] = build(cmd)
             built.add(name)
             record.write_text(json.dumps(seconds))
-    if not (work / "edgelora-int4/adapters/r1.onnx_adapter").exists():  # added after the timed export
-        timed([edgelora, "add-adapter", str(work / "edgelora-int4"), f"r1={work / 'peft/r1'}"])
+    if not (work / "edgelora-int4/adapters/r1.onnx_adapter").exists():  # not part of the export's seconds
+        build([edgelora, "add-adapter", str(work / "edgelora-int4"), f"r1={work / 'peft/r1'}"])
     return {name: f"{seconds[name]:.1f} s" + ("" if name in built else " (built by an earlier run)")
             for name in jobs if name in seconds}
 
@@ -331,13 +332,15 @@ def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, comm
         met = value >= float(bound) if op == ">=" else value <= float(bound)
         lines.append(f"| {label} | {value:.2f} | {target} | {'yes' if met else 'no'} |")
     none = d["edgelora-int4-noadapter"]
+    blob_mb = {name: (work / "edgelora-int4/adapters" / f"{name}.onnx_adapter").stat().st_size / 1e6
+               for name in ("a", "r1")}
     lines += [
         "",
-        f"Adapter time on the int4 graph: the rank-{RANK} adapter adds {d['edgelora-int4'] - none:.2f} ms/token; a "
-        f"rank-1 adapter, with 1/{RANK} of its bytes, already adds {d['edgelora-int4-rank1'] - none:.2f} ms "
-        f"({d['edgelora-int4-rank1'] / none:.2f}x no adapter), against the {0.05 * none:.2f} ms that 5% allows. That "
-        "part comes with the adapter's nodes, not its bytes: at rank 0 the slot groups' products are empty kernels, "
-        "with any adapter they are real ones.",
+        f"Adapter time on the int4 graph: the rank-{RANK} adapter ({blob_mb['a']:.2f} MB) adds "
+        f"{d['edgelora-int4'] - none:.2f} ms/token; a rank-1 adapter ({blob_mb['r1']:.2f} MB) already adds "
+        f"{d['edgelora-int4-rank1'] - none:.2f} ms ({d['edgelora-int4-rank1'] / none:.2f}x no adapter), against the "
+        f"{0.05 * none:.2f} ms that 5% allows. That part comes with the adapter's nodes, not its bytes: at rank 0 the "
+        "slot groups' products are empty kernels, with any adapter they are real ones.",
     ]
     lines += [
         "",

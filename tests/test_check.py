@@ -166,10 +166,11 @@ def test_the_check_loads_no_torch():
 
 
 def test_peak_rss_is_the_process_own_not_its_parents():
-    """A check started by a large parent (a test runner holding torch) must not report the parent's peak as its own."""
+    """A check started by a large parent (a test runner holding torch) must not report the parent's peak."""
     child = "from edgelora.measure import peak_rss_bytes; print(peak_rss_bytes())"
     parent = ("import subprocess, sys, numpy as np; held = np.ones(2**30, np.uint8); "
-              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, "
+              "check=True).stdout)")
     reported = int(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
     assert 0 < reported < 2**29
 
