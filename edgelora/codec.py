@@ -199,9 +199,10 @@ def dequant_nodes(value: onnx.ValueInfoProto, dtype: str, block: int):
 
     An int8 ``a`` (an ``Int8Factor``) adds no nodes: each product with it is rewritten to take the stored
     factor and its scales (``_int8_products``). The defaults are empty factors (rank 0), so a run
-    without an adapter remains the base model at the least cost: onnxruntime skips the empty products, 5%
-    of int4 decode on the 135M model against rank-1 zeros. int4 keeps all-zero rank 2, the smallest
-    pair it packs, since its unpacking reshapes by a block count an empty factor does not have.
+    without an adapter remains the base model at the least cost: onnxruntime skips the empty products, where a
+    rank-1 adapter, whose kernels cost what rank-1 zeros would, took 12-20% more int4 decode on the 135M model
+    (bench/RESULTS.md). int4 keeps all-zero rank 2, the smallest pair it packs, since its unpacking reshapes
+    by a block count an empty factor does not have.
     """
     tensor = value.name
     *tiles, k_dim, n_dim = _dims(value)  # a slot group's b has a leading tile axis (fp32, fp16, int8 only)
