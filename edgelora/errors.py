@@ -14,3 +14,15 @@ class EdgeLoraError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class UnknownAdapterError(EdgeLoraError):
+    """An adapter name the model does not have: a server answers it as 404, like any name it may not show."""
+
+
+class BusyError(EdgeLoraError):
+    """The batching engine's rows and queue are full: a server answers it as 429, a caller retries later."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

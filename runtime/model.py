@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, UnknownAdapterError
 from edgelora.manifest import load_manifest
 
 from .binding import BindingPool, Call
@@ -213,7 +213,7 @@ class EdgeModel(EncoderTasks):
                 entry = self.manifest.adapters.get(adapter)
                 if entry is None:
                     known = ", ".join(sorted(self.manifest.adapters)) or "none"
-                    raise EdgeLoraError(f"unknown adapter {adapter!r}; this package has: {known}")
+                    raise UnknownAdapterError(f"unknown adapter {adapter!r}; this package has: {known}")
                 pool = BindingPool(_session(self.package / entry.file, self._options), {})
                 self._merged[adapter] = pool
             return pool

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgelora.adapter_file import adapter_parameters, read_adapter, read_ort_parameters
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, UnknownAdapterError
 from edgelora.fileio import check_name, sha256_file
 from edgelora.manifest import AdapterEntry, Slot, SlotGroup
 from edgelora.sidecar import read_sidecar
@@ -233,7 +233,7 @@ class AdapterRegistry:
             path = self.package / entry.file
         else:
             known = ", ".join(self.names()) or "none"
-            raise EdgeLoraError(f"unknown adapter {name!r}; this package has: {known}")
+            raise UnknownAdapterError(f"unknown adapter {name!r}; this package has: {known}")
         with self._lock:
             checking = self._checking.setdefault(name, threading.Lock())
         with checking:  # a request and the background check never hash the same blob twice
