@@ -72,8 +72,10 @@ def parse_probe_specs(specs: tuple[str, ...], adapters: dict[str, str]) -> dict[
     return probes
 
 
-def parse_generate_adapters(specs: tuple[str, ...]):
-    """``NAME`` -> the adapter; ``NAME:WEIGHT`` -> its strength; several -> their composition."""
+def parse_generate_adapters(specs: tuple[str, ...], what: str = "--adapter"):
+    """``NAME`` -> the adapter; ``NAME:WEIGHT`` -> its strength; several -> their composition.
+
+    ``what`` names the argument in errors: the server parses a request's ``model`` with it too."""
     if not specs:
         return None
     if len(specs) == 1 and ":" not in specs[0]:
@@ -84,9 +86,9 @@ def parse_generate_adapters(specs: tuple[str, ...]):
         try:
             value = float(weight) if sep else 1.0
         except ValueError:
-            raise EdgeLoraError(f"--adapter {spec!r}: expected NAME or NAME:WEIGHT with a number") from None
+            raise EdgeLoraError(f"{what} {spec!r}: expected NAME or NAME:WEIGHT with a number") from None
         if not name or name in weights:
-            raise EdgeLoraError(f"--adapter {spec!r}: " + ("the same name is given twice" if name else "no name"))
+            raise EdgeLoraError(f"{what} {spec!r}: " + ("the same name is given twice" if name else "no name"))
         weights[name] = value
     return weights
 
@@ -371,6 +373,36 @@ def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
 
     run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick,
              adapter_dtype=adapter_dtype)
+
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; other than loopback only with --keys.")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--keys", type=click.Path(path_type=Path), default=None,
+              help="TOML file of API keys (sha256), tenants and the adapters each may use (see docs/serve.md).")
+@click.option("--adapter-memory-mb", type=float, default=None, help="Cap on resident adapter memory (LRU eviction).")
+@click.option("--adapter-dir", type=click.Path(path_type=Path), default=None,
+              help="Where uploaded adapters are kept  [default: PACKAGE/served-adapters]")
+@click.option("--model-name", default=None, help="The base model's name in requests  [default: the package folder's]")
+@click.option("--max-tokens", default=4096, show_default=True, help="The largest max_tokens a request may ask for.")
+@click.option("--max-body-mb", default=1.0, show_default=True, help="Largest request body (uploads excepted).")
+@click.option("--max-upload-mb", default=256.0, show_default=True, help="Largest adapter upload.")
+@click.option("--grace", default=30.0, show_default=True, help="Seconds running requests get to finish on SIGTERM.")
+def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name, max_tokens, max_body_mb,
+          max_upload_mb, grace):
+    """Serve PACKAGE over OpenAI's HTTP API; each request picks its adapter through `model` (needs edgelora[serve])."""
+    try:
+        from .server.run import serve as run_server
+        from .server.settings import MIB, Settings
+    except ImportError as e:
+        raise EdgeLoraError(f"edgelora serve needs the serve extra: pip install 'edgelora[serve]' ({e})") from None
+    settings = Settings(host=host, port=port, keys=keys, adapter_dir=adapter_dir, model_name=model_name,
+                        max_tokens=max_tokens, max_body_bytes=int(max_body_mb * MIB),
+                        max_upload_bytes=int(max_upload_mb * MIB), grace_s=grace)
+    run_server(package, settings, adapter_memory_mb=adapter_memory_mb)
 
 
 if __name__ == "__main__":
