@@ -222,8 +222,8 @@ def test_chat_renders_the_template_as_transformers_does(server, model, package):
         client.chat.completions.create(model="rs", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
 
 
-def test_chat_without_a_template_names_completions(llama):
-    live = start(llama.package, adapter_dir=llama.package.parent / "no-uploads")
+def test_chat_without_a_template_names_completions(llama, tmp_path):
+    live = start(llama.package, adapter_dir=tmp_path)
     try:
         with pytest.raises(openai.BadRequestError, match="no chat template.*/v1/completions"):
             live.client().chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])

@@ -191,8 +191,11 @@ async def generate(server: Server, request: Request, tenant: Tenant, body: schem
             payload["usage"] = usage
         return json.dumps(payload)
 
+    finished = False
+
     async def events():
-        piece, opened, finished = first, True, False
+        nonlocal finished
+        piece, opened = first, True
         try:
             while piece is not None:
                 yield chunk([chunk_choice(piece, None, opened)])
@@ -206,13 +209,29 @@ async def generate(server: Server, request: Request, tenant: Tenant, body: schem
             yield DONE
         except ApiError as e:  # a failure mid-stream: the status is sent already, so the body says it
             yield json.dumps(e.body())
-        finally:
-            run.close()
-            if not finished:
-                finish(server, request, tenant, run)
-            server.metrics.in_flight.dec()
 
-    return EventSourceResponse(events(), ping=0, shutdown_grace_period=server.settings.grace_s)
+    def end():
+        run.close()
+        if not finished:
+            finish(server, request, tenant, run)
+        server.metrics.in_flight.dec()
+
+    return GenerationEvents(events(), end, ping=0, shutdown_grace_period=server.settings.grace_s)
+
+
+class GenerationEvents(EventSourceResponse):
+    """Server-sent events that end their generation however the response ends: done, failed, or its client gone
+    (even before the first event was sent, when the events' own code never ran)."""
+
+    def __init__(self, content, on_end, **options):
+        super().__init__(content, **options)
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 @endpoint
