@@ -391,8 +391,10 @@ def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
 @click.option("--max-body-mb", default=1.0, show_default=True, help="Largest request body (uploads excepted).")
 @click.option("--max-upload-mb", default=256.0, show_default=True, help="Largest adapter upload.")
 @click.option("--grace", default=30.0, show_default=True, help="Seconds running requests get to finish on SIGTERM.")
+@click.option("--max-batch", default=8, show_default=True, help="Requests that decode together in one step.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests that wait for a row; past them: 429.")
 def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name, max_tokens, max_body_mb,
-          max_upload_mb, grace):
+          max_upload_mb, grace, max_batch, max_queue):
     """Serve PACKAGE over OpenAI's HTTP API; each request picks its adapter through `model` (needs edgelora[serve])."""
     try:
         from .server.run import serve as run_server
@@ -402,7 +404,7 @@ def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name,
     settings = Settings(host=host, port=port, keys=keys, adapter_dir=adapter_dir, model_name=model_name,
                         max_tokens=max_tokens, max_body_bytes=int(max_body_mb * MIB),
                         max_upload_bytes=int(max_upload_mb * MIB), grace_s=grace)
-    run_server(package, settings, adapter_memory_mb=adapter_memory_mb)
+    run_server(package, settings, adapter_memory_mb=adapter_memory_mb, max_batch=max_batch, max_queue=max_queue)
 
 
 if __name__ == "__main__":

@@ -426,21 +426,43 @@ def metric(server: LiveServer, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, caplog):
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server, caplog):
+    steps = metric(server, "edgelora_decode_steps_total")
     with caplog.at_level(logging.INFO, logger="edgelora.server.access"):
         with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                           headers={"Authorization": f"Bearer {KEYS['alice']}"},
-                          json={"model": "plain", "prompt": PROMPT, "max_tokens": 512, "ignore_eos": True,
+                          json={"model": "plain", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
                                 "stream": True}) as reply:
             lines = reply.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             assert metric(server, "edgelora_requests_in_flight") == 1
         deadline = time.monotonic() + 5
-        while metric(server, "edgelora_requests_in_flight") != 0:
+        while metric(server, "edgelora_requests_in_flight") or metric(server, "edgelora_batch_size"):
             assert time.monotonic() < deadline, "the stream went on after its client left"
-            time.sleep(0.05)
+            time.sleep(0.02)
+    time.sleep(0.5)
+    assert metric(server, "edgelora_decode_steps_total") - steps < 400  # of the 480 it would have run
     lines = [r.getMessage() for r in caplog.records if "POST /v1/completions" in r.getMessage()]
     assert len(lines) == 1 and "finish=cancelled" in lines[0], lines
+
+
+def test_past_the_engines_queue_a_request_gets_429_with_retry_after(package, tmp_path):
+    from edgelora.runtime import BatchSettings
+
+    live = LiveServer(create_app(EdgeModel.open(package, batching=BatchSettings(max_batch=1, max_queue=0)),
+                                 Settings(adapter_dir=tmp_path)))
+    try:
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
+                          json={"model": "plain", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
+                                "stream": True}) as reply:
+            lines = reply.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            with pytest.raises(openai.RateLimitError, match="busy") as caught:
+                live.client().completions.create(model="plain", prompt=PROMPT, max_tokens=4)
+            assert int(caught.value.response.headers["retry-after"]) >= 1
+        assert live.client().completions.create(model="plain", prompt=PROMPT, max_tokens=4).choices[0].text is not None
+    finally:
+        live.stop()
 
 
 def test_rate_limits_answer_429_with_retry_after(server):
@@ -512,7 +534,7 @@ def test_sigterm_lets_a_running_stream_finish(package, tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
                 time.sleep(0.1)
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=30,
-                          json={"model": "plain", "prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True,
+                          json={"model": "plain", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
                                 "stream": True}) as reply:
             lines = reply.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))

@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import time
+from contextlib import asynccontextmanager
 from functools import wraps
 
 import anyio
@@ -359,12 +360,25 @@ ROUTES = [
     Route("/v1/adapters/{name}", delete_adapter, methods=["DELETE"]),
 ]
 UPLOAD_PATH = "/v1/adapters"
+SPARE_THREADS = 16  # for the calls besides streams: tokenizing, embeddings, uploads
 
 
 def create_app(model, settings: Settings) -> Starlette:
     """The ASGI app over an open ``EdgeModel``; uploads kept by an earlier run are registered now."""
     server = Server(model, settings)
-    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: not_found})
+
+    @asynccontextmanager
+    async def lifespan(app):
+        """A stream holds a worker thread while it waits for its next piece: enough threads for every request
+        the engine admits or queues, so that the one past them gets the engine's 429 rather than a wait."""
+        engine = model.engine
+        if engine is not None:
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            needed = engine.settings.max_batch + engine.settings.max_queue + SPARE_THREADS
+            limiter.total_tokens = max(limiter.total_tokens, needed)
+        yield
+
+    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_paths={UPLOAD_PATH},
                        max_upload_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)

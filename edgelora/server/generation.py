@@ -31,7 +31,7 @@ class Outcome:
 class GenerationRun:
     def __init__(self, stream, model_field: str, arrived: float):
         self.stream = stream
-        self.pieces = iter(stream)
+        self.pieces = iter(stream)  # one iteration of the stream, which sets its result when it ends
         self.model_field = model_field
         self.arrived = arrived
         self.first_at: float | None = None
@@ -72,10 +72,10 @@ class GenerationRun:
         return "".join(pieces)
 
     def close(self) -> None:
-        """Stop generating (the client went away): the runtime frees the request's resources now."""
+        """Stop generating (the client went away): the engine frees the request's batch row at its next step."""
         if not self.done:
             self.done = True
-            self.pieces.close()
+            self.stream.close()
 
     def outcome(self) -> Outcome | None:
         """Once the stream has ended; None for one closed early (no result)."""

@@ -16,7 +16,8 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class RuntimeCollector:
-    """What the runtime knows, read when Prometheus scrapes: adapter memory, loads, evictions, the engine's queue."""
+    """What the runtime knows, read when Prometheus scrapes: adapter memory, loads, evictions, the engine's queue
+    (a model opened with ``batching=False`` has no engine)."""
 
     def __init__(self, model):
         self.model = model
@@ -32,13 +33,17 @@ class RuntimeCollector:
                                   value=stats["hits"])
         yield CounterMetricFamily("edgelora_adapter_evictions", "Adapters evicted to stay in the memory budget",
                                   value=stats["evictions"])
-        engine = getattr(self.model, "engine", None)
+        engine = self.model.engine
         if engine is not None:
             engine_stats = engine.stats()
             yield GaugeMetricFamily("edgelora_queue_depth", "Requests waiting for a batch row",
                                     value=engine_stats["queue_depth"])
             yield GaugeMetricFamily("edgelora_batch_size", "Rows in the engine's current decode step",
                                     value=engine_stats["batch_size"])
+            yield CounterMetricFamily("edgelora_decode_steps", "The engine's decode steps",
+                                      value=engine_stats["steps"])
+            yield CounterMetricFamily("edgelora_rows_stepped", "Rows over all decode steps (divided by the steps: "
+                                      "the mean batch)", value=engine_stats["rows_stepped"])
 
 
 class Metrics:

@@ -14,12 +14,15 @@ from .app import create_app
 from .settings import Settings
 
 
-def serve(package, settings: Settings, adapter_memory_mb: float | None = None) -> None:
-    from edgelora.runtime import EdgeModel
+def serve(package, settings: Settings, adapter_memory_mb: float | None = None, max_batch: int = 8,
+          max_queue: int = 64) -> None:
+    """``max_batch`` requests decode together; ``max_queue`` more wait; past them a request gets 429."""
+    from edgelora.runtime import BatchSettings, EdgeModel
 
     settings.check()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model = EdgeModel.open(package, adapter_memory_mb=adapter_memory_mb)
+    model = EdgeModel.open(package, adapter_memory_mb=adapter_memory_mb,
+                           batching=BatchSettings(max_batch=max_batch, max_queue=max_queue))
     app = create_app(model, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
                 timeout_graceful_shutdown=settings.grace_s)
