@@ -509,6 +509,25 @@ def test_metrics_and_one_access_line_per_request_without_prompt_or_key(server, c
     assert admin("GET", server, "/metrics", key="alice").status_code == 403
 
 
+@pytest.mark.parametrize("text, error", [
+    ("[[key]]\nsha256 = 'abc'\ntenant = 't'", "key[0]: sha256 must be the 64 hex digits"),
+    (f"[[key]]\nsha256 = '{sha('k')}'", "key[0]: tenant must be a non-empty string"),
+    (f"[[key]]\nsha256 = '{sha('k')}'\ntenant = 't'\nadmin = 'yes'", "key[0]: admin must be true or false"),
+    (f"[[key]]\nsha256 = '{sha('k')}'\ntenant = 't'\nrequests_per_minute = 0", "must be a positive number"),
+    (f"[[key]]\nsha256 = '{sha('k')}'\ntenant = 't'\nkey = 'k'", "unknown field 'key'"),
+    ("[[key]\n", "not valid TOML"),
+    ("", "no [[key]] tables"),
+])
+def test_a_bad_keys_file_is_one_line_naming_the_entry(tmp_path, text, error):
+    from edgelora.errors import EdgeLoraError
+    from edgelora.server.keys import KeyRing
+
+    (tmp_path / "keys.toml").write_text(text)
+    with pytest.raises(EdgeLoraError, match=re.escape(error)) as caught:
+        KeyRing.load(tmp_path / "keys.toml")
+    assert str(caught.value).startswith(str(tmp_path / "keys.toml")) and "\n" not in str(caught.value)
+
+
 def test_cli_refuses_other_hosts_without_keys(package):
     out = subprocess.run([sys.executable, "-m", "edgelora.cli", "serve", str(package), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)
@@ -539,6 +558,9 @@ def test_sigterm_lets_a_running_stream_finish(package, tmp_path):
             lines = reply.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            with pytest.raises(httpx.TransportError):  # no new requests once the signal is in
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
             rest = [line for line in lines if line.startswith("data:")]
         assert len(rest) > 100, "the stream had ended before the signal: nothing was tested"
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
