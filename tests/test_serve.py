@@ -233,6 +233,24 @@ def test_chat_without_a_template_names_completions(llama, tmp_path):
         live.stop()
 
 
+def test_an_unexpected_failure_is_a_one_line_500_and_the_server_goes_on(llama, tmp_path, caplog):
+    """A template that breaks while rendering is the server's fault, not the request's."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(llama.package, pkg)
+    (pkg / "chat_template.jinja").write_text("{{ messages[0]['content'] + 1 }}")
+    live = start(pkg, adapter_dir=tmp_path / "uploads")
+    try:
+        with caplog.at_level(logging.ERROR, logger="edgelora.server"):
+            with pytest.raises(openai.InternalServerError, match="internal error") as caught:
+                live.client().chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.body == {"message": "internal error (TypeError)", "type": "server_error", "param": None,
+                                     "code": "internal_error"}
+        assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+        assert live.client().completions.create(model="plain", prompt=PROMPT, max_tokens=2).choices
+    finally:
+        live.stop()
+
+
 def test_embeddings_float_and_base64(tmp_path_factory):
     from edgelora.exporters.package_writer import export_package
     from edgelora.exporters.tiny_models import build_encoder, random_peft_adapter
