@@ -8,7 +8,8 @@ tokenizer) and eight rank-16 PEFT adapters on all seven projections, exports the
 int8 adapters, accuracy level 4), starts ``edgelora serve`` on 127.0.0.1 in its own process, and sends
 ``--requests`` streaming completions from ``--clients`` concurrent clients (the official ``openai`` async client),
 each request for one of the eight adapters in turn: a 32-token prompt, 32 new tokens (EOS ignored, so every
-request does the same work). One warm-up request per adapter comes first and is not counted. Reports requests/s,
+request does the same work). The package's tokenizer is replaced by a word-level one with one word per token id,
+so that every generated token reaches the client as a piece of text. One warm-up request per adapter comes first and is not counted. Reports requests/s,
 tokens/s, time to first token and per-token latency (p50/p99, as the clients see them) and the errors, which must
 be zero.
 """
@@ -20,7 +21,6 @@ import asyncio
 import os
 import random
 import socket
-import string
 import subprocess
 import sys
 import time
@@ -34,7 +34,7 @@ from decode import ADAPTERS, ALL, HERE, RANK, build_model
 from edgelora.manifest import load_manifest
 
 TENANTS = 8
-PROMPT_CHARS, NEW_TOKENS = 32, 32  # the character tokenizer: one token per character, plus BOS
+PROMPT_TOKENS, NEW_TOKENS = 32, 32
 
 
 def build_package(work: Path) -> Path:
@@ -58,7 +58,22 @@ def build_package(work: Path) -> Path:
     edgelora = str(Path(sys.executable).with_name("edgelora"))
     subprocess.run([edgelora, "export", str(work / "base"), *specs, "--out", str(package), "--quantize", "int4",
                     "--adapter-dtype", "int8", "--accuracy-level", "4", "--quiet"], check=True)
+    word_tokenizer(package)
     return package
+
+
+def word_tokenizer(package: Path) -> None:
+    """One word per token id of the whole vocabulary, so each generated token streams as its own piece (the
+    decode bench's character tokenizer covers ~100 ids, and a random model's tokens mostly decode to nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab_size = load_manifest(package).graph["vocab_size"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab_size)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(specials)
+    tokenizer.save(str(package / load_manifest(package).tokenizer))
 
 
 def free_port() -> int:
@@ -101,6 +116,8 @@ async def one_request(client, model: str, prompt: str) -> dict:
             last = now
         if chunk.usage is not None:
             usage = chunk.usage
+    if first is None:
+        raise RuntimeError("the stream carried no text")
     tokens = usage.completion_tokens
     return {"ttft": first - t0, "per_token": (last - first) / max(tokens - 1, 1), "tokens": tokens,
             "seconds": time.perf_counter() - t0}
@@ -111,7 +128,7 @@ async def load(port: int, models: list[str], requests: int, clients: int, timeou
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
     rng = random.Random(0)
-    prompts = ["".join(rng.choices(string.ascii_lowercase + " ", k=PROMPT_CHARS)) for _ in range(requests)]
+    prompts = [" ".join(f"w{rng.randrange(4, 5000)}" for _ in range(PROMPT_TOKENS)) for _ in range(requests)]
     for model in models:  # warm-up: each adapter loaded once, not timed
         await one_request(client, model, prompts[0])
     queue = list(range(requests))
@@ -130,7 +147,16 @@ async def load(port: int, models: list[str], requests: int, clients: int, timeou
     return results, errors, time.perf_counter() - t0
 
 
-def report(results: list, errors: list, seconds: float, args, package: Path) -> str:
+def server_counters(port: int) -> dict[str, float]:
+    """The server's own unlabelled counters from /metrics, read once the load is over."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("edgelora_") and "{" not in line}
+
+
+def report(results: list, errors: list, seconds: float, args, package: Path, server: dict) -> str:
     ttft = np.array([r["ttft"] for r in results]) * 1e3
     per_token = np.array([r["per_token"] for r in results]) * 1e3
     tokens = sum(r["tokens"] for r in results)
@@ -148,9 +174,10 @@ Model: SmolLM-135M-shaped Llama (random weights, built as `bench/decode.py` buil
 async client, {args.clients} concurrent, in one process) share the same 2-core machine.
 {args.note}
 
-Each request: a {PROMPT_CHARS}-character prompt ({PROMPT_CHARS + 1} tokens with BOS), {NEW_TOKENS} new tokens,
-greedy, EOS ignored, streamed; the {TENANTS} adapters in turn, so every decode step of the server has requests
-of different tenants in flight. One warm-up request per adapter first, not counted.
+Each request: a {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, greedy, EOS ignored, streamed (the package's
+tokenizer is a word-level one with a word per token id, so every token is a piece of the stream); the
+{TENANTS} adapters in turn, so the server's decode steps mix tenants. One warm-up request per adapter first,
+not counted.
 
 | | value |
 |---|---|
@@ -160,6 +187,8 @@ of different tenants in flight. One warm-up request per adapter first, not count
 | generated tokens/s | {tokens / seconds:.1f} |
 | time to first token, p50 / p99 | {np.percentile(ttft, 50):.0f} / {np.percentile(ttft, 99):.0f} ms |
 | per-token latency after the first, p50 / p99 | {np.percentile(per_token, 50):.1f} / {np.percentile(per_token, 99):.1f} ms |
+| server: decode steps, mean rows per step | {server["edgelora_decode_steps_total"]:.0f}, {server["edgelora_rows_stepped_total"] / max(server["edgelora_decode_steps_total"], 1):.2f} |
+| server: adapter loads, evictions | {server["edgelora_adapter_loads_total"]:.0f}, {server["edgelora_adapter_evictions_total"]:.0f} |
 """ + ("".join(f"\nerror: {e}" for e in errors[:10]) + "\n" if errors else "")
 
 
@@ -180,10 +209,11 @@ def main() -> None:
     server = start_server(package, work, port)
     try:
         results, errors, seconds = asyncio.run(load(port, models, args.requests, args.clients, args.timeout))
+        counters = server_counters(port)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    text = report(results, errors, seconds, args, package)
+    text = report(results, errors, seconds, args, package, counters)
     Path(args.results).write_text(text)
     print(text)
     if errors:
