@@ -15,6 +15,7 @@ the queue ``submit`` raises ``BusyError``.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -103,6 +104,7 @@ class BatchEngine:
         self._reserved = 0
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False
         self._step: tuple | None = None  # (the decoding rows it was bound for, its call, its kv view)
         self._union: tuple | None = None  # (segment labels, pool, width, bytes): the last joined adapters
         self.steps = 0
@@ -126,6 +128,8 @@ class BatchEngine:
             resident = self.model.registry.resolve(adapter)
         request = Request(prompt_ids, adapter, resident, row)
         with self._cv:
+            if self._closing:
+                raise EdgeLoraError("the model's batching engine is closed")
             self._waiting.append(request)
             self._admit()
             if len(self._waiting) > self.settings.max_queue:
@@ -137,6 +141,7 @@ class BatchEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="edgelora-engine", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)
             self._cv.notify()
         return TextStream(request.pieces(), cancel=lambda: self._cancel(request))
 
@@ -155,14 +160,30 @@ class BatchEngine:
             if request in self._waiting:
                 self._waiting.remove(request)
                 request.row.finish_reason = "cancelled"
+                request.events.put(("done", request.row.result()))
             self._cv.notify()
 
     # the scheduler thread
+
+    def close(self) -> None:
+        """Cancel the running and queued requests and stop the scheduler thread after its current step (also run
+        at interpreter exit: a thread killed inside onnxruntime's run aborts the process)."""
+        with self._cv:
+            self._closing = True
+            for request in (*self._waiting, *self._admitted, self._prefilling, *self._decoding):
+                if request is not None:
+                    request.cancelled = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _run(self) -> None:
         while True:
             with self._cv:
                 while not (self._waiting or self._admitted or self._prefilling or self._decoding):
+                    if self._closing:
+                        return
                     self._cv.wait()
                 self._admit()
             try:
@@ -201,8 +222,8 @@ class BatchEngine:
                     request.events.put(("error", e if isinstance(e, EdgeLoraError) else EdgeLoraError(str(e))))
                     continue
             if request.cancelled:
-                self._release(request)
                 self._prefilling = None
+                self._finish(request)
                 continue
             chunk = request.prompt_ids[request.fed:request.fed + budget]
             ids = np.asarray([chunk], np.int64)
