@@ -25,19 +25,16 @@ from edgelora.runtime import EdgeModel
 
 HERE = Path(__file__).resolve().parent
 EDGELORA = Path(sys.executable).with_name("edgelora")
-URL_WAIT_S = 60
+SERVER_EXIT_S = 60
 BROWSER_TIMEOUT_S = 600
 
 
 def held_out_cases(model: EdgeModel, data: Path, per_tenant: int) -> list[dict]:
     """The first prompts of each tenant's held-out file, interleaved: tenant A, B, C, D, A, B, ..."""
-    prompts = {name: [ex.prompt for ex in read_examples(data / f"{name}.test.jsonl")[:per_tenant]]
-               for name in model.adapters}
-    cases = [{"tenant": name, "prompt": p[i]} for i in range(per_tenant) for name, p in prompts.items() if i < len(p)]
-    longest = max(len(ex.completion) for name in prompts for ex in read_examples(data / f"{name}.test.jsonl"))
-    for case in cases:
-        case["maxNewTokens"] = longest + 1  # a character per token, and the EOS
-    return cases
+    examples = {name: read_examples(data / f"{name}.test.jsonl")[:per_tenant] for name in model.adapters}
+    longest = max(len(ex.completion) for chosen in examples.values() for ex in chosen)
+    return [{"tenant": name, "prompt": chosen[i].prompt, "maxNewTokens": longest + 1}  # a token per character, EOS
+            for i in range(per_tenant) for name, chosen in examples.items() if i < len(chosen)]
 
 
 def python_answers(model: EdgeModel, cases: list[dict]) -> list[dict]:
@@ -68,7 +65,7 @@ def page_answers(package: Path, cases: list[dict], screenshot: Path) -> dict:
         return json.loads(run.stdout)
     finally:
         server.terminate()
-        server.wait(timeout=URL_WAIT_S)
+        server.wait(timeout=SERVER_EXIT_S)
 
 
 def main() -> int:
