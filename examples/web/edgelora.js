@@ -97,10 +97,10 @@ export class EdgePackage {
   }
 }
 
-// Open the package at `baseUrl` (a folder URL ending in "/"): manifest, graph with its external data, tokenizer.
+// Open the package folder at `baseUrl`: manifest, graph with its external data, tokenizer.
 // `threads` > 1 needs a cross-origin isolated page (COOP/COEP headers), as `edgelora web` serves it.
 export async function openPackage(baseUrl, { threads = 1 } = {}) {
-  baseUrl = new URL(baseUrl, globalThis.location?.href).href;
+  baseUrl = new URL(baseUrl.endsWith('/') ? baseUrl : `${baseUrl}/`, globalThis.location?.href).href;
   const url = (file) => new URL(file, baseUrl).href;
   const manifest = await fetchJson(url('edgelora.json'));
   if (manifest.task !== 'causal-lm' || manifest.mode !== 'separate') {
