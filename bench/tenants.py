@@ -76,13 +76,13 @@ def hot_swap(work: Path, n=5000):
     edge = []
     for i in range(n):
         t0 = time.perf_counter()
-        call = m._call(specs[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
+        call = m.call(specs[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
         call.close()
     composed = []
     for i in range(n):
         t0 = time.perf_counter()
-        call = m._call(specs[2 if i % 2 else 0])
+        call = m.call(specs[2 if i % 2 else 0])
         composed.append(time.perf_counter() - t0)
         call.close()
 
