@@ -68,7 +68,7 @@ export class EdgePackage {
     for (let step = 0; step < maxNewTokens; step++) {
       const start = total - fed.length;
       // the only inputs fed: slot factors come from the active adapter, and any other input the graph has
-      // (such as a per-row adapter mask) keeps its default initializer, as in plain onnxruntime
+      // (such as lora_rows, the Python runtime's per-row adapter mask) keeps its default, as in plain onnxruntime
       const feeds = {
         input_ids: int64(fed, [1, fed.length]),
         attention_mask: int64(new Array(total).fill(1), [1, total]),  // GroupQueryAttention takes masks of ones
