@@ -9,7 +9,7 @@ const cases = JSON.parse(readFileSync(casesFile, 'utf8'));
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-         '--disable-sync', '--no-first-run'],
+         '--disable-sync', '--disable-quic', '--no-first-run'],
 });
 try {
   const page = await browser.newPage({ viewport: { width: 1000, height: 900 } });
