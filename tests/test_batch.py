@@ -54,7 +54,7 @@ def test_rows_of_mixed_adapters_answer_as_each_request_alone(tmp_path, family):
     assert [g.token_ids for g in got] == alone(package, prompts, SPECS, sampling)
     stats = model.engine.stats()
     if model.info.shared_kv:  # GroupQueryAttention graphs step their rows together
-        assert model.info.row_mask and stats["rows_stepped"] >= 4 * stats["steps"]
+        assert model.info.row_mask and stats["rows_stepped"] >= 2 * stats["steps"]
 
 
 @pytest.mark.parametrize("adapter_dtype, ranks", [("int4", (8, 8, 8)), ("int4", (4, 6, 8)), ("fp16", (4, 6, 8))])
@@ -81,7 +81,7 @@ def test_int8_rows_share_steps_within_the_codec_tolerance(tmp_path):
         logits = single.logits(ids[:-1], adapter=spec)[0, len(prompt) - 1:]
         picked = logits[np.arange(len(result.token_ids)), result.token_ids]
         assert (logits.max(axis=-1) - picked).max() <= 0.25, (spec, result.token_ids)
-    assert model.engine.stats()["rows_stepped"] >= 4 * model.engine.stats()["steps"]
+    assert model.engine.stats()["rows_stepped"] >= 2 * model.engine.stats()["steps"]
 
 
 def test_rows_join_and_leave_mid_batch(llama_fp32):
