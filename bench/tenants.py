@@ -30,8 +30,8 @@ def pct(samples, q):
 
 
 def build(work: Path):
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+    from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
+    from edgelora.exporters.export import ExportOptions, export_package
 
     if (work / "pkg/edgelora.json").exists():
         return
@@ -42,7 +42,7 @@ def build(work: Path):
     random_peft_adapter(base, dirs["a"], seed=2, r=16, alpha=16, targets=ALL)
     random_peft_adapter(base, dirs["b"], seed=3, r=16, alpha=16, targets=ALL)
     random_peft_adapter(base, dirs["mid"], seed=4, r=RSS_RANK, alpha=RSS_RANK, targets=ALL)
-    export_package(work / "base", dirs, work / "pkg", progress=False)
+    export_package(work / "base", dirs, work / "pkg", ExportOptions(progress=False))
 
 
 def peft_set_adapter_seconds(work: Path, rounds: int) -> list[float]:
@@ -66,7 +66,6 @@ def peft_set_adapter_seconds(work: Path, rounds: int) -> list[float]:
 def hot_swap(work: Path, n=5000):
     import onnxruntime as ort
     import torch
-
     from edgelora.runtime import EdgeModel
 
     m = EdgeModel.open(work / "pkg")
@@ -100,10 +99,9 @@ def hot_swap(work: Path, n=5000):
 
 
 def cold_load(work: Path, reps=20):
+    from edgelora.runtime import EdgeModel
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from edgelora.runtime import EdgeModel
 
     blob = work / "pkg/adapters/big.onnx_adapter"
     first, first_pass, racing, unverified, reload = [], [], [], [], []
@@ -178,9 +176,9 @@ print(json.dumps({"growth": rss() - before}))
 
 
 def rss(work: Path, counts=(1, 10, 50)):
-    from edgelora.adapter_file import read_adapter, write_adapter
-    from edgelora.factors import AdapterFactors, ModuleFactors
-    from edgelora.manifest import load_manifest
+    from edgelora.format.adapter_file import read_adapter, write_adapter
+    from edgelora.format.factors import AdapterFactors, ModuleFactors
+    from edgelora.format.manifest import load_manifest
 
     groups = load_manifest(work / "pkg").slot_groups
     src, _ = read_adapter(work / "pkg/adapters/mid.onnx_adapter", groups)

@@ -11,7 +11,7 @@ quantization, so MatMulNBits quantizes the packed weight like any other.
 The slots of packed modules become one slot group per packed product (``group_slots``): one
 ``(x @ a) @ b`` added to the product before its Split, instead of a delta per module joined by a
 Concat or added part by part. Adapters keep PEFT's per-module layout everywhere else
-(``edgelora.slot_groups`` converts at the blob's edge).
+(``edgelora.format.slot_groups`` converts at the blob's edge).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelora.manifest import SlotGroup
-from edgelora.slot_groups import factor_names, group_name, tiles
+from edgelora.format.manifest import SlotGroup
+from edgelora.format.slot_groups import factor_names, group_name, tiles
 
 
 @dataclass
@@ -181,7 +181,7 @@ def _packed_group(group: list, inits: dict) -> tuple[list, list]:
 
 def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
     """Rewrite, in place, the slots of modules whose products were packed into one pair of grouped factors per
-    packed product (``edgelora.slot_groups``), added to the product before it is split; returns the groups.
+    packed product (``edgelora.format.slot_groups``), added to the product before it is split; returns the groups.
 
     Runs on the float slots, before the slot codec: the group's factors are then encoded like any slot's.
     """

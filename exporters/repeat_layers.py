@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
-from edgelora.manifest import Slot
+from edgelora.format.manifest import Slot
 
 PAST, PRESENT = "past_key_values.", "present."
 SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of the module path each node came from

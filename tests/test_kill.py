@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.fileio import sha256_file
-from edgelora.manifest import load_manifest
+from edgelora.format.fileio import sha256_file
+from edgelora.format.manifest import load_manifest
 
 KILLER = r"""
 import atexit, os, signal, sys
@@ -120,7 +120,7 @@ def copy_package(src: Path, run_dir: Path) -> Path:
 
 def test_add_adapter_killed_anywhere_leaves_old_or_new(llama, tmp_path):
     """A new name and ``--overwrite`` of an existing one; the next write clears what killed runs left."""
-    from edgelora.exporters.package_writer import add_adapter
+    from edgelora.exporters.add_adapter import add_adapter
 
     first = copy_package(llama.package, tmp_path / "first")
     total = operations(start(tmp_path / "first", 0, "add-adapter", first, f"x={llama.adapter_dirs['plain']}"))

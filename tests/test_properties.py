@@ -21,13 +21,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgelora import codec
-from edgelora.adapter_file import map_parameters, read_adapter, write_adapter
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.fileio import check_name
-from edgelora.manifest import FILENAME, load_manifest
-from edgelora.sidecar import read_sidecar
+from edgelora.format import codec
+from edgelora.format.adapter_file import map_parameters, read_adapter, write_adapter
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.fileio import check_name
+from edgelora.format.manifest import FILENAME, load_manifest
+from edgelora.format.sidecar import read_sidecar
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import Built
 from test_add_adapter import run_cli
 from test_parity import plain_feeds, plain_session
@@ -20,9 +19,8 @@ def probe(tmp_path_factory) -> Built:
     """A base with trained-like logit margins (see build_causal_lm) and an adapter of trained-like size:
     rank 16 on every projection, B ~ N(0, 0.02), which moves about a quarter of the top-1 tokens."""
     import torch
+    from edgelora.demo.tiny_models import build_causal_lm
     from peft import LoraConfig, get_peft_model
-
-    from edgelora.exporters.tiny_models import build_causal_lm
 
     tmp = tmp_path_factory.mktemp("probe")
     base = build_causal_lm(tmp / "base", size="tiny", initializer_range=0.1)
@@ -42,11 +40,11 @@ IDS = np.random.default_rng(0).integers(4, 100, (4, 32))
 
 
 def export(probe: Built, name: str, **kwargs):
-    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.export import ExportOptions, export_package
 
     out = probe.package / name
     if not out.exists():
-        export_package(probe.base_dir, probe.adapter_dirs, out, progress=False, **kwargs)
+        export_package(probe.base_dir, probe.adapter_dirs, out, ExportOptions(progress=False, **kwargs))
     return out
 
 
@@ -56,8 +54,9 @@ def export(probe: Built, name: str, **kwargs):
 @pytest.mark.parametrize("dtype, max_rel_error, min_top1", [("fp16", 1e-3, 0.99), ("int8", 5e-3, 0.99),
                                                             ("int4", 5e-2, 0.95)])
 def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
-    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
+
+    from edgelora.format.manifest import load_manifest
 
     package = export(probe, dtype, adapter_dtype=dtype)
     got = EdgeModel.open(package).logits(IDS, adapter="a")
@@ -77,9 +76,9 @@ def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(base, adapter, test data): the demo's pretrained base and a rank-16 adapter on all projections,
     trained until it solves its task, so it has the margins a user's adapter has where it is used."""
-    from edgelora.exporters.demo import BASE
-    from edgelora.exporters.demo_tasks import tenant_split, write_jsonl
-    from edgelora.exporters.train import train_adapter
+    from edgelora.demo.run import BASE
+    from edgelora.demo.tasks import tenant_split, write_jsonl
+    from edgelora.training.trainer import train_adapter
 
     tmp = tmp_path_factory.mktemp("trained")
     train, test = tenant_split("date", 400, 32)
@@ -94,16 +93,15 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_adapter_agrees_on_the_completions_it_was_trained_for(trained, tmp_path, dtype):
     import torch
+    from edgelora.exporters.examples import read_examples
+    from edgelora.exporters.export import ExportOptions, export_package
+    from edgelora.runtime import EdgeModel
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.train import read_examples
-    from edgelora.runtime import EdgeModel
-
     base_dir, adapter_dir, test_file = trained
-    manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg", progress=False,
-                              adapter_dtype=dtype, probe_data={"date": test_file})
+    manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg",
+                              ExportOptions(progress=False, adapter_dtype=dtype, probe_data={"date": test_file}))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,9 +165,9 @@ def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
 
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
-
-    from edgelora.manifest import load_manifest
     from edgelora.runtime import EdgeModel
+
+    from edgelora.format.manifest import load_manifest
 
     package = export(probe, "merged", mode="merged")
     with warnings.catch_warnings():
@@ -194,7 +192,6 @@ def test_merged_mode_matches_peft_merge_and_unload(probe):
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
     import onnx
-
     from edgelora.runtime import EdgeModel
 
     package = export(probe, f"base-{quantize}", quantize=quantize, adapter_dtype="int8")
@@ -213,8 +210,8 @@ def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
 def test_add_adapter_encodes_in_the_package_codec(probe, tmp_path):
     import shutil
 
-    from edgelora.adapter_file import read_adapter
-    from edgelora.manifest import load_manifest
+    from edgelora.format.adapter_file import read_adapter
+    from edgelora.format.manifest import load_manifest
 
     package = tmp_path / "pkg"
     shutil.copytree(export(probe, "int8", adapter_dtype="int8"), package)
@@ -230,11 +227,11 @@ def test_add_adapter_encodes_in_the_package_codec(probe, tmp_path):
 def test_adapter_sizes_against_peft_safetensors(tmp_path):
     """Exact file sizes at rank 16 on all seven projections of one SmolLM-135M-shaped layer."""
     import torch
+    from edgelora.exporters.peft_ingest import ingest_peft
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgelora.adapter_file import write_adapter
-    from edgelora.exporters.peft_ingest import ingest_peft
+    from edgelora.format.adapter_file import write_adapter
 
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
                          num_attention_heads=9, num_key_value_heads=3)
@@ -256,9 +253,8 @@ def test_adapter_sizes_against_peft_safetensors(tmp_path):
 def test_merge_then_quantize_beats_quantize_then_merge():
     """Why merged mode merges in float first: a delta added to already-quantized weights must be quantized
     again, and most of a small delta is lost to the second rounding."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from edgelora.exporters.base_quant import quantize_base
+    from onnx import TensorProto, helper, numpy_helper
 
     def int4(w: np.ndarray) -> np.ndarray:
         """The weights the package's int4 base quantization makes of ``w`` (a MatMul read back with x = I)."""
@@ -285,13 +281,13 @@ def test_merge_then_quantize_beats_quantize_then_merge():
 def embedding_adapter_package(tmp_path, dtype: str):
     """(PEFT model, base model, package) for a LoRA on the embedding (vocabulary 100) and a pair of projections."""
     from conftest import make_adapter
-
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.exporters.export import ExportOptions, export_package
 
     base = build_causal_lm(tmp_path / "base", size="tiny", seed=0)
     peft_model = make_adapter(base, tmp_path / "a", "embedding", seed=7)
-    export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg", progress=False, adapter_dtype=dtype)
+    export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg",
+                   ExportOptions(progress=False, adapter_dtype=dtype))
     return peft_model, base, tmp_path / "pkg"
 
 
@@ -300,7 +296,6 @@ def test_quantized_embedding_slots_against_peft(tmp_path, dtype):
     """An embedding slot looks its factor up (Gather) instead of multiplying by it: the int8 codec, which
     scales the product rather than the factor, must serve that path too."""
     import torch
-
     from edgelora.runtime import EdgeModel
 
     peft_model, base, package = embedding_adapter_package(tmp_path, dtype)

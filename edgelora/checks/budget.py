@@ -11,8 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EdgeLoraError
-from .units import format_value, parse_size
+from edgelora.errors import EdgeLoraError
+from edgelora.units import format_value, parse_size
 
 # metric -> unit; the latency metrics a budget, a relative budget and a baseline may name
 LATENCY_METRICS = {

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.errors import EdgeLoraError
+from edgelora.format.manifest import Manifest
+from edgelora.runtime.composition import label, normalize
+
 from .budget import LatencySettings
-from .errors import EdgeLoraError
-from .manifest import Manifest
 
 HOT_SWAP_ROUNDS = 2000
 
@@ -72,8 +74,6 @@ def compare(model, targets: list, settings: LatencySettings) -> dict:
     Interleaving puts every target under the same machine load, so the ratios between them hold
     even when absolute times drift between minutes, as they do on shared machines.
     """
-    from .runtime.composition import label, normalize
-
     prompt = _random_ids(model, settings.prompt_tokens, seed=0)
     labels = [label(normalize(target)) or "(base)" for target in targets]  # the names stats() lists them under
     runs: dict = {name: [] for name in labels}

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgelora.errors import EdgeLoraError
+
 from . import codec
-from .errors import EdgeLoraError
 from .factors import AdapterFactors, ModuleFactors
 from .fileio import atomic_path
 from .manifest import SlotGroup
