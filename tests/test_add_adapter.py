@@ -6,17 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import make_adapter
-from test_parity import IDS, TOL
-
-from edgelora.cli import main
-
-
-def run_cli(*args):
-    """(exit code, stdout, stderr) of one CLI call."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+from conftest import IDS, TOL, make_adapter, run_cli
 
 
 def test_added_adapter_matches_peft(llama, fresh_package, tmp_path):

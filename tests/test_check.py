@@ -8,7 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
-from test_add_adapter import run_cli
+from conftest import run_cli
 
 from edgelora.format.factors import AdapterFactors, ModuleFactors
 

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import Built
-from test_add_adapter import run_cli
-from test_parity import plain_session
+from conftest import Built, plain_session, run_cli
 
 TOL = 1e-4
 TEXTS = ["The cat sits on the mat.", "LoRA adapters are small; quantized ones are smaller still!", "hi"]

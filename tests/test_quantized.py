@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import Built
-from test_add_adapter import run_cli
-from test_parity import plain_feeds, plain_session
+from conftest import Built, plain_feeds, plain_session, run_cli
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,7 @@ import io
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ALL_LINEAR, Built
-from test_parity import IDS, TOL, plain_feeds, plain_session
+from conftest import ALL_LINEAR, IDS, TOL, Built, plain_feeds, plain_session
 
 # family, layers, config changes, LoRA settings, what the export's progress line must say
 CASES = {

@@ -317,7 +317,7 @@ def test_a_composition_is_built_once_however_many_threads_ask(llama):
 # CLI
 
 def test_cli_generate_takes_weights_and_compositions(llama):
-    from test_add_adapter import run_cli
+    from conftest import run_cli
 
     model = EdgeModel.open(llama.package)
     want = model.generate("Hello", adapter={"plain": 0.7, "rs": 0.3}, max_new_tokens=6).text
