@@ -192,7 +192,7 @@ def worker_swap(work: Path) -> dict:
     edge = []
     for i in range(2000):
         t0 = time.perf_counter()
-        call = model._call("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
+        call = model.call("ab"[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
         call.close()
     torch.set_num_threads(THREADS)

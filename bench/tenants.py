@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tenants.py [--out bench/work] [--results bench/RESULTS-tenants.md]
 
-Model: the "small" random Llama of exporters.tiny_models (hidden 128, 4 layers, 1.6M parameters), so the
+Model: the "small" random Llama of demo/tiny_models.py (hidden 128, 4 layers, 1.6M parameters), so the
 whole run takes a few minutes on 2 cores. Every ratio is measured in the same run.
 """
 
@@ -75,13 +75,13 @@ def hot_swap(work: Path, n=5000):
     edge = []
     for i in range(n):
         t0 = time.perf_counter()
-        call = m._call(specs[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
+        call = m.call(specs[i % 2])  # what a call pays to pick its adapter: registry hit + pooled binding
         edge.append(time.perf_counter() - t0)
         call.close()
     composed = []
     for i in range(n):
         t0 = time.perf_counter()
-        call = m._call(specs[2 if i % 2 else 0])
+        call = m.call(specs[2 if i % 2 else 0])
         composed.append(time.perf_counter() - t0)
         call.close()
 

@@ -21,6 +21,7 @@ from edgelora.format.slot_groups import factor_names
 from .base_quant import quantize_base
 from .packing import group_slots
 from .phases import phase
+from .row_mask import add_row_mask
 from .slot_codec import encode_slots
 
 OPSET = 21  # int4 slots unpack with BitwiseAnd, which needs ≥ 18
@@ -145,7 +146,8 @@ def conv1d_as_matmul():
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
                    accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
-                   labels: tuple[str, str] = ("tracing", "")) -> tuple[dict[str, int], list[SlotGroup]]:
+                   labels: tuple[str, str] = ("tracing", ""),
+                   row_mask: bool = False) -> tuple[dict[str, int], list[SlotGroup]]:
     """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts and the
     slot groups.
 
@@ -155,7 +157,8 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     rewritten to take ``adapter_dtype`` factors with the dequantization in the graph, so one trace
     serves every codec. ``expand`` (proto -> proto) turns a graph traced from part of the model, with
     the I/O names ``traced_io`` (inputs, outputs), into the whole model's graph before the fusion.
-    ``labels`` name the trace and the expansion on the progress line (``phases``).
+    ``labels`` name the trace and the expansion on the progress line (``phases``). ``row_mask`` adds the
+    per-row adapter mask that lets one call carry rows with different adapters (``row_mask.add_row_mask``).
     """
     traced_in, traced_out = traced_io or (inputs + lora_names, outputs)
     try:
@@ -193,6 +196,8 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     _rename_dynamic_dims(proto)
     with phase(f"{adapter_dtype} slots"):
         encode_slots(proto, lora_names, adapter_dtype, block)
+        if row_mask:
+            fusions["row_mask"] = add_row_mask(proto, lora_names, {g.b for g in groups})
     if quantize != "none":
         with phase(f"quantizing the base {quantize}"):
             proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))

@@ -2,45 +2,46 @@
 
 A session is bound to one adapter spec for its whole life: keys and values computed under one
 adapter (or strength) are wrong for any other, so there is no way to switch it mid-conversation;
-start another session instead.
+start another session instead. Turns run on their own call, outside the batching engine, since the
+cache they keep is the conversation's own.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from .generation import Generation, Row
 from .kvcache import KVCache
-
-if TYPE_CHECKING:
-    from .model import EdgeModel, Generation
+from .runner import generate_alone
+from .sampling import SamplingParams
 
 
 @dataclass
 class ChatSession:
-    model: "EdgeModel"
+    model: object  # the EdgeModel it talks to
     adapter: object  # whatever EdgeModel.chat was given: None, a name or {name: weight}
     token_ids: list[int] = field(default_factory=list)  # the whole conversation, prompts and answers
-    _cache: KVCache = field(default_factory=KVCache)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    cache: KVCache = field(default_factory=KVCache)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, message, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | None = None, stop: list[str] | str | None = None) -> "Generation":
+             seed: int | None = None, stop: list[str] | str | None = None) -> Generation:
         """Add a turn (text or token ids) and generate the answer, the same tokens a fresh
         ``generate`` over the whole conversation would give.
 
         Text of the first turn gets the tokenizer's special tokens (e.g. BOS), later turns do not.
         """
-        from .model import TextStream
-
-        with self._lock:  # turns of one conversation are sequential by nature
-            new_ids = self.model.encode(message, add_special_tokens=not self.token_ids)
+        sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or ())
+        model = self.model
+        with self.lock:  # turns of one conversation are sequential by nature
+            new_ids = model.encode(message, add_special_tokens=not self.token_ids)
+            model.check_context(len(self.token_ids) + len(new_ids), sampling)
             self.token_ids.extend(new_ids)
-            feed = self.token_ids[self._cache.length:]  # the new turn, plus the last answer token never fed
-            sink = TextStream()
-            for _ in self.model._stream_text(sink, feed, self.adapter, max_new_tokens, temperature, top_k, top_p,
-                                             seed, stop, cache=self._cache):
-                pass
-            self.token_ids.extend(sink.result.token_ids)
-            return sink.result
+            feed = self.token_ids[self.cache.length:]  # the new turn, plus the last answer token never fed
+            row = Row(feed, sampling, model.decode, model.info.eos_token_ids)
+            with model.call(self.adapter) as call:
+                for _ in generate_alone(model.runner, call, self.cache, feed, row):
+                    pass
+            self.token_ids.extend(row.token_ids)
+            return row.result()

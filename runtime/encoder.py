@@ -1,7 +1,7 @@
 """Encoder packages (feature-extraction, sequence-classification): batches of texts in, embeddings or labels out.
 
 ``EncoderTasks`` holds the methods ``EdgeModel`` gains for them; the adapter is chosen per call
-exactly as for generation, through ``EdgeModel._call``.
+exactly as for generation, through ``EdgeModel.call``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class EncoderTasks:
             if value.shape != ids.shape:
                 raise EdgeLoraError(f"{name} has shape {value.shape}, input_ids {ids.shape}; they must match")
             feeds[name] = value
-        with self._call(adapter) as call:
+        with self.call(adapter) as call:
             for name, value in feeds.items():
                 call.binding.bind_cpu_input(name, value)
             call.binding.bind_output(graph["outputs"][0])

@@ -1,13 +1,13 @@
 """The keys and values of every token fed so far, in the form the graph's attention takes them.
 
-With GroupQueryAttention (the manifest's ``graph.fusions.gqa``) they live in buffers of ``capacity``
-positions that are bound as both a step's past input and its present output: onnxruntime then writes
-the step's keys and values in place, as onnxruntime-genai runs its graphs, instead of copying the whole
-cache into new tensors at every step, a cost that grows with the context (on the 135M model, with the
-adapter's parameters bound once per call as well, decode got 9% faster at 64 new tokens and 12% at
-400). Buffers are allocated zeroed, which the OS commits lazily, so reserved positions cost memory
-only once written, and they double when a pass needs more. Other attention (MultiHeadAttention,
-kept for head sizes GQA's CPU kernel refuses) takes the previous step's present outputs as its past.
+With GroupQueryAttention (``GraphInfo.shared_kv``) they live in buffers of ``capacity`` positions that
+are bound as both a step's past input and its present output: onnxruntime then writes the step's keys
+and values in place, as onnxruntime-genai runs its graphs, instead of copying the whole cache into new
+tensors at every step. Buffers are allocated zeroed, which the OS commits lazily, so reserved positions
+cost memory only once written. GroupQueryAttention reads each row's own length off its position ids, so
+rows of different lengths share one buffer of ``[rows, kv_heads, capacity, head_dim]``: that is how the
+batching engine runs them in one step (``KVRows``). Other attention (MultiHeadAttention, kept for head
+sizes GQA's CPU kernel refuses) takes the previous step's present outputs as its past.
 """
 
 from __future__ import annotations
@@ -17,25 +17,62 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from .graph_info import GraphInfo
+
 
 @dataclass
 class KVCache:
+    """One sequence's cache (or a view of engine rows): ``values`` maps each past input to its keys or values."""
+
     length: int = 0
     capacity: int = 0  # shared buffers only
-    values: dict[str, ort.OrtValue] = field(default_factory=dict)  # past input name -> its keys or values
-    _arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the shared buffers' memory
+    values: dict[str, ort.OrtValue] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the shared buffers' memory
 
-    def reserve(self, names: list[str], kv_heads: int, head_dim: int, positions: int) -> None:
+    def reserve(self, info: GraphInfo, positions: int) -> None:
         """Shared buffers of at least ``positions`` (twice the old capacity when growing, so a conversation's
         turns copy the cache only a logarithmic number of times)."""
         if positions <= self.capacity:
             return
         capacity = max(positions, 2 * self.capacity)
         arrays = {}
-        for name in names:
-            array = np.zeros((1, kv_heads, capacity, head_dim), np.float32)
-            if name in self._arrays:
-                array[:, :, : self.length] = self._arrays[name][:, :, : self.length]
+        for name in info.past_names:
+            array = np.zeros((1, info.num_kv_heads, capacity, info.head_dim), np.float32)
+            if name in self.arrays:
+                array[:, :, : self.length] = self.arrays[name][:, :, : self.length]
             arrays[name] = array
-        self._arrays, self.capacity = arrays, capacity
+        self.arrays, self.capacity = arrays, capacity
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+
+
+class KVRows:
+    """The batching engine's shared buffers: ``rows`` sequences of up to ``capacity`` positions each.
+
+    Rows in use are kept at the front, so a step over ``n`` rows binds the views ``[0, n)``, bound once per
+    change of the batch. A view's values stay the same objects until the batch changes, which is what lets a
+    binding keep them bound across steps.
+    """
+
+    def __init__(self, info: GraphInfo, rows: int, capacity: int):
+        self.info = info
+        self.rows = rows
+        self.capacity = capacity
+        self.arrays = {name: np.zeros((rows, info.num_kv_heads, capacity, info.head_dim), np.float32)
+                       for name in info.past_names}
+        self._views: dict[tuple[int, int], KVCache] = {}
+
+    def view(self, start: int, stop: int) -> KVCache:
+        key = (start, stop)
+        if key not in self._views:
+            values = {name: ort.OrtValue.ortvalue_from_numpy(array[start:stop]) for name, array in self.arrays.items()}
+            self._views[key] = KVCache(capacity=self.capacity, values=values)
+        return self._views[key]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of row ``src`` into row ``dst``."""
+        for array in self.arrays.values():
+            array[dst, :, :length] = array[src, :, :length]
+
+    @property
+    def bytes_per_position(self) -> int:
+        return len(self.arrays) * self.info.num_kv_heads * self.info.head_dim * 4

@@ -1,15 +1,14 @@
 """``EdgeModel``: one onnxruntime session for the base, adapters chosen per call.
 
 The adapter is an argument of every call, never state on the model: concurrent requests
-for different tenants share the session and each gets its own adapter's answer.
+for different tenants share the session and each gets its own adapter's answer. Generation runs
+through the model's batching engine by default, so threads that call ``generate`` or ``stream`` at the
+same time share decode steps (``engine``); ``batching=False`` runs each call on its own.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,46 +20,18 @@ from edgelora.format.manifest import load_manifest
 from .binding import BindingPool, Call
 from .chat import ChatSession
 from .encoder import EncoderTasks, pad_batches
+from .engine import BatchEngine, BatchSettings
+from .generation import Generation, Row, TextStream
+from .graph_info import GraphInfo
 from .kvcache import KVCache
 from .registry import AdapterRegistry
-from .sampling import pick_token
+from .runner import Runner, generate_alone
+from .sampling import SamplingParams
 
-
-@dataclass
-class Generation:
-    """The new tokens only (never the prompt), with timings for the caller's own accounting."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "length" | "eos" | "stop"
-    prompt_tokens: int
-    prefill_ms: float
-    decode_ms: float
-
-    @property
-    def decode_ms_per_token(self) -> float:
-        steps = max(len(self.token_ids) - 1, 1)
-        return self.decode_ms / steps
-
-
-class TextStream:
-    """What ``EdgeModel.stream`` returns: iterate for text pieces, then read ``result``."""
-
-    def __init__(self):
-        self.result: Generation | None = None
-        self._pieces: Iterator[str] = iter(())
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-
-KV_RESERVE_AHEAD = 256  # positions a generation reserves past its prompt; the buffers double beyond
 # How long an idle onnxruntime worker thread spins for the next op before it sleeps. A decode step is hundreds
-# of ops of a few µs each, so a thread that sleeps at once pays a wake-up per op (about 30% of int4 decode on
-# 2 cores), while one that spins without bound takes the core a busy neighbour needs. 20 µs bridges the gaps
-# between ops and yields soon after: on the 135M int4 package it decoded as fast as unbounded spinning on an idle
-# machine (6.5-7.3 against 6.6-7.0 ms/token) and as fast as never spinning beside a busy process (8.2-9.3
-# against 8.9-9.0; unbounded 12.5-13.9).
+# of ops of a few µs each, so a thread that sleeps at once pays a wake-up per op, while one that spins without
+# bound takes the core a busy neighbour needs; 20 µs bridges the gaps between ops and yields soon after
+# (docs/benchmarks.md).
 SPIN_US = 20
 
 # task -> the methods that serve it, for the error a call on the wrong kind of package gets
@@ -73,24 +44,21 @@ TASK_METHODS = {
 
 class EdgeModel(EncoderTasks):
     def __init__(self, package: Path, manifest, session: ort.InferenceSession, registry: AdapterRegistry, tokenizer,
-                 options: ort.SessionOptions):
+                 options: ort.SessionOptions, info: GraphInfo, batching: BatchSettings | None):
         self.package = package
         self.manifest = manifest
         self.session = session
         self.registry = registry
         self.tokenizer = tokenizer
-        graph = manifest.graph
-        self._layers = graph["num_layers"]
-        self._kv_heads = graph.get("num_kv_heads")
-        self._head_dim = graph.get("head_dim")
-        layers = self._layers if manifest.task == "causal-lm" else 0  # encoders have no KV cache
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self._shared_kv = bool(graph.get("fusions", {}).get("gqa"))
-        self._eos = set(manifest.generation.get("eos_token_ids") or [])
+        self.info = info
+        self.runner = Runner(info)
         self._options = options
         self._base = BindingPool(session, {})
         self._merged: dict[str, BindingPool] = {}
         self._merged_lock = threading.Lock()
+        self._batching = batching
+        self._engine: BatchEngine | None = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def open(
@@ -101,6 +69,7 @@ class EdgeModel(EncoderTasks):
         inter_op_threads: int | None = None,
         verify: bool = True,
         spin_us: int = SPIN_US,
+        batching: bool | BatchSettings = True,
     ) -> "EdgeModel":
         """Load the base graph once; adapters load lazily on first use.
 
@@ -109,12 +78,17 @@ class EdgeModel(EncoderTasks):
         manifest (or a path adapter's sidecar) before its first use: package adapters are hashed in a
         background thread from here on, so a first load usually costs only the memory map. ``spin_us`` is
         how long onnxruntime's worker threads busy-wait for the next op before they sleep; 0 never spins.
+        ``batching`` (True, False or a ``BatchSettings``) is how concurrent generations share decode steps.
         """
         package = Path(package)
         manifest = load_manifest(package)
         if manifest.task not in TASK_METHODS:
             raise EdgeLoraError(f"{package}: task {manifest.task!r} is not supported by this runtime")
-        _check_graph_info(package, manifest)
+        info = GraphInfo.read(package, manifest)
+        if batching is True:
+            batching = BatchSettings()
+        elif batching is not False and not isinstance(batching, BatchSettings):
+            raise EdgeLoraError(f"batching must be True, False or a BatchSettings, got {batching!r}")
         if adapter_memory_mb is not None and not adapter_memory_mb > 0:
             raise EdgeLoraError(f"adapter_memory_mb must be a positive number, got {adapter_memory_mb!r}")
         graph_path = package / manifest.graph["file"]
@@ -146,7 +120,7 @@ class EdgeModel(EncoderTasks):
                 raise EdgeLoraError(f"{package / manifest.tokenizer}: cannot read the tokenizer ({first})") from None
             if manifest.task != "causal-lm":
                 pad_batches(tokenizer, manifest)
-        return cls(package, manifest, session, registry, tokenizer, options)
+        return cls(package, manifest, session, registry, tokenizer, options, info, batching or None)
 
     # adapters
 
@@ -194,16 +168,17 @@ class EdgeModel(EncoderTasks):
 
     # forward passes
 
-    def _call(self, adapter) -> Call:
-        """A binding for one call: the session with the adapter's slot factors bound, or its merged graph."""
+    def call(self, adapter) -> Call:
+        """A binding for one call: the session with the adapter's slot factors bound, or its merged graph.
+        Use it as a context manager: it goes back to its pool at the end."""
         if adapter is not None and self.manifest.mode == "merged":
             if not isinstance(adapter, str):
                 raise EdgeLoraError("a merged package runs one adapter per graph: strengths and compositions need "
                                     "a separate-mode package")
-            return Call(self._merged_pool(adapter), None, self.manifest.graph["inputs"])
+            return Call(self._merged_pool(adapter), None, self.info.inputs)
         resident = self.registry.resolve(adapter)
         pool = self._base if resident is None else resident.bindings
-        return Call(pool, resident, self.manifest.graph["inputs"])
+        return Call(pool, resident, self.info.inputs)
 
     def _merged_pool(self, adapter: str) -> BindingPool:
         """Merged packages switch adapters by switching graphs, each loaded once on first use."""
@@ -217,48 +192,6 @@ class EdgeModel(EncoderTasks):
                 pool = BindingPool(_session(self.package / entry.file, self._options), {})
                 self._merged[adapter] = pool
             return pool
-
-    def _forward(self, call: Call, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 kv: KVCache) -> np.ndarray:
-        """Logits of one pass over ``input_ids`` after the ``kv.length`` positions of ``kv``, which it extends.
-
-        A decode step's logits are the call's own buffer, overwritten by its next step."""
-        binding = call.binding
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_cpu_input("position_ids", position_ids)
-        shared = self._shared_kv and kv.capacity > 0
-        step = shared and input_ids.shape[1] == 1
-        if step:
-            logits = call.step_output("logits", (*input_ids.shape, self.manifest.graph["vocab_size"]))
-        else:
-            binding.bind_output("logits")  # unallocated: onnxruntime sizes it for this pass
-        if shared:
-            kv.reserve(self._past_names, self._kv_heads, self._head_dim, kv.length + input_ids.shape[1])
-        # bound after the logits, so the logits are output 0 for the rest of the call
-        if shared and call.kv_bound is not kv.values:  # the buffers stay bound until they grow
-            for name, value in kv.values.items():
-                binding.bind_ortvalue_input(name, value)
-                binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-            call.kv_bound = kv.values
-        elif not shared:
-            empty = np.zeros((input_ids.shape[0], self._kv_heads, 0, self._head_dim), np.float32)
-            for name in self._past_names:
-                value = kv.values.get(name)
-                if value is None:
-                    binding.bind_cpu_input(name, empty)
-                else:
-                    binding.bind_ortvalue_input(name, value)
-                binding.bind_output(name.replace("past_key_values", "present"))
-        if step:
-            call.pool.session.run_with_iobinding(binding)
-        else:
-            outputs = call.run()
-            logits = outputs[0].numpy()
-            if not shared:
-                kv.values = dict(zip(self._past_names, outputs[1:]))
-        kv.length += input_ids.shape[1]
-        return logits
 
     def logits(self, input_ids, adapter=None, attention_mask=None) -> np.ndarray:
         """Logits [batch, seq, vocab] of a full forward pass over ``input_ids`` ([seq] or [batch, seq]).
@@ -278,12 +211,12 @@ class EdgeModel(EncoderTasks):
             raise EdgeLoraError(f"input_ids must be token ids in [0, {vocab}), got {ids.min()}..{ids.max()}")
         mask = (np.ones_like(ids) if attention_mask is None
                 else np.asarray(attention_mask, dtype=np.int64).reshape(ids.shape))
-        if self.manifest.graph.get("fusions", {}).get("gqa") and not mask.all():
+        if self.info.shared_kv and not mask.all():
             raise EdgeLoraError(f"{self.package}: this graph's GroupQueryAttention takes attention masks of ones only "
                                 "(as onnxruntime-genai's graphs); run padded rows one by one, unpadded")
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        with self._call(adapter) as call:
-            return self._forward(call, ids, mask, positions, KVCache())
+        with self.call(adapter) as call:
+            return self.runner.forward(call, ids, positions, KVCache(), attention_mask=mask)
 
     # generation
 
@@ -310,111 +243,80 @@ class EdgeModel(EncoderTasks):
         self.registry.resolve(adapter)  # a bad spec fails here, not on the first turn
         return ChatSession(self, adapter)
 
-    def _tokens(self, prompt_ids: list[int], adapter, max_new_tokens: int, temperature: float, top_k: int,
-                top_p: float, seed: int | None, timings: dict, ignore_eos: bool = False,
-                cache: KVCache | None = None) -> Iterator[int]:
-        """Prefill once, then one step per token extending the KV cache; stops at EOS or the length limit.
+    @property
+    def engine(self) -> BatchEngine | None:
+        """The batching engine every generation of this model goes through (None with ``batching=False``),
+        started on first use."""
+        if self._batching is None or self.manifest.task != "causal-lm":
+            return None
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = BatchEngine(self, self._batching)
+            return self._engine
 
-        With a ``cache`` the prefill continues after the tokens already in it, and the cache is
-        extended at every step, so a chat's next turn starts where this one stopped.
-        """
-        if max_new_tokens < 1:
-            return
-        kv = cache if cache is not None else KVCache()
-        with self._call(adapter) as call:
-            rng = np.random.default_rng(seed)
-            ids = np.asarray([prompt_ids], dtype=np.int64)
-            start = kv.length
-            total = start + ids.shape[1]
-            if self._shared_kv:  # room for the answer, up to a bound: a generous max_new_tokens is only a limit
-                ahead = min(max_new_tokens - 1, KV_RESERVE_AHEAD)
-                kv.reserve(self._past_names, self._kv_heads, self._head_dim, total + ahead)
-            t0 = time.perf_counter()
-            logits = self._forward(call, ids, np.ones((1, total), np.int64),
-                                   np.arange(start, total, dtype=np.int64)[None], kv)
-            timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-            timings["decode_ms"] = 0.0
-            for step in range(max_new_tokens):
-                token = pick_token(logits[0, -1], temperature, top_k, top_p, rng)
-                yield token
-                if (token in self._eos and not ignore_eos) or step == max_new_tokens - 1:
-                    return
-                total += 1
-                t0 = time.perf_counter()
-                logits = self._forward(call, np.asarray([[token]], np.int64), np.ones((1, total), np.int64),
-                                       np.asarray([[total - 1]], np.int64), kv)
-                timings["decode_ms"] += (time.perf_counter() - t0) * 1e3
+    def check_context(self, prompt_tokens: int, sampling: SamplingParams) -> None:
+        """A prompt plus its answer must fit the model's positions: past them a model answers garbage."""
+        limit = self.info.max_positions
+        if limit is not None and prompt_tokens + sampling.max_new_tokens > limit:
+            raise EdgeLoraError(f"a prompt of {prompt_tokens} tokens plus max_new_tokens={sampling.max_new_tokens} "
+                                f"is past the model's context of {limit} positions; shorten the prompt or lower "
+                                "max_new_tokens")
 
     def stream(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, ignore_eos: bool = False) -> "TextStream":
-        """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end.
-
-        ``ignore_eos`` runs all ``max_new_tokens`` steps, so timings measure a fixed amount of work.
-        """
+               stop: list[str] | str | None = None, ignore_eos: bool = False,
+               sampling: SamplingParams | None = None) -> TextStream:
+        """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end, and
+        ``.close()`` cancels. ``sampling``, when given, replaces the keyword settings."""
         self._require_task("stream", "causal-lm")
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or (), ignore_eos)
         prompt_ids = self.encode(prompt)
-        text_stream = TextStream()
-        text_stream._pieces = self._stream_text(text_stream, prompt_ids, adapter, max_new_tokens, temperature, top_k,
-                                           top_p, seed, stop, ignore_eos)
-        return text_stream
-
-    def _stream_text(self, sink: "TextStream", prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed,
-                stop, ignore_eos: bool = False, cache: KVCache | None = None) -> Iterator[str]:
-        """Text that might begin a stop string is held back until it cannot."""
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        timings: dict = {}
-        new_ids: list[int] = []
-        emitted = 0
-        text = ""
-        finish = "length"
-        for token in self._tokens(prompt_ids, adapter, max_new_tokens, temperature, top_k, top_p, seed, timings,
-                                  ignore_eos, cache):
-            new_ids.append(token)
-            if token in self._eos and not ignore_eos:
-                finish = "eos"
-                break
-            text = self.decode(new_ids)
-            hit = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                break
-            safe = len(text) - _held_back(text, stops)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-                safe = min(safe, len(text) - 1)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        if len(text) > emitted:
-            yield text[emitted:]
-        sink.result = Generation(text=text, token_ids=new_ids, finish_reason=finish, prompt_tokens=len(prompt_ids),
-                                 prefill_ms=timings.get("prefill_ms", 0.0), decode_ms=timings.get("decode_ms", 0.0))
+        self.check_context(len(prompt_ids), sampling)
+        row = Row(prompt_ids, sampling, self.decode, self.info.eos_token_ids)
+        engine = self.engine
+        if engine is not None:
+            return engine.submit(prompt_ids, adapter, row)
+        call = self.call(adapter)
+        return TextStream(_closing(generate_alone(self.runner, call, KVCache(), prompt_ids, row), call))
 
     def generate(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | str | None = None, ignore_eos: bool = False) -> Generation:
+                 stop: list[str] | str | None = None, ignore_eos: bool = False,
+                 sampling: SamplingParams | None = None) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""
         self._require_task("generate", "causal-lm")
-        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
+        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos,
+                                  sampling)
         for _ in text_stream:
             pass
         return text_stream.result
 
+    def generate_many(self, prompts: list, adapters: list | None = None,
+                      sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Generation]:
+        """Many requests at once, each with its own adapter spec (default: the base) and sampling; batched
+        together by the engine, answered in order."""
+        self._require_task("generate_many", "causal-lm")
+        prompts = list(prompts)
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise EdgeLoraError(f"generate_many: {len(prompts)} prompts but {len(adapters)} adapters")
+        each = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(each) != len(prompts):
+            raise EdgeLoraError(f"generate_many: {len(prompts)} prompts but {len(each)} sampling settings")
+        streams = [self.stream(p, adapter=a, sampling=s or SamplingParams()) for p, a, s in zip(prompts, adapters, each)]
+        for stream in streams:
+            for _ in stream:
+                pass
+        return [stream.result for stream in streams]
 
-def _check_graph_info(package: Path, manifest) -> None:
-    """What the runtime reads from the manifest's graph and generation info, checked before it is used."""
-    where = package / "edgelora.json"
-    keys = ("num_layers", "num_kv_heads", "head_dim") if manifest.task == "causal-lm" else ("num_layers", "max_length")
-    for key in (*keys, "vocab_size"):
-        value = manifest.graph.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise EdgeLoraError(f"{where}: graph.{key} must be a positive integer, got {value!r}")
-    outputs = manifest.graph.get("outputs")
-    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
-        raise EdgeLoraError(f"{where}: graph.outputs must be a non-empty list of names")
-    eos = manifest.generation.get("eos_token_ids") or []
-    if not isinstance(eos, list) or not all(isinstance(t, int) for t in eos):
-        raise EdgeLoraError(f"{where}: generation.eos_token_ids must be a list of token ids")
+
+def _closing(pieces, call: Call):
+    """A stream run on its own call, which goes back to its pool when the stream ends or is closed."""
+    try:
+        return (yield from pieces)
+    finally:
+        call.close()
 
 
 def _session(graph_path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
@@ -425,14 +327,3 @@ def _session(graph_path: Path, options: ort.SessionOptions) -> ort.InferenceSess
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EdgeLoraError(f"{graph_path}: onnxruntime cannot load the graph ({first})") from None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest

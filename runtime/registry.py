@@ -19,10 +19,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from edgelora.errors import EdgeLoraError, UnknownAdapterError
-from edgelora.format.adapter_file import adapter_parameters, read_adapter, read_ort_parameters
+from edgelora.format.adapter_file import adapter_parameters, map_parameters, read_adapter
 from edgelora.format.compatibility import check_fits
 from edgelora.format.fileio import check_name, sha256_file
 from edgelora.format.manifest import AdapterEntry, Slot, SlotGroup
@@ -37,6 +38,7 @@ class ResidentAdapter:
     name: str  # a package or path adapter's name, or a composition's label
     spec: Spec
     bindings: BindingPool  # the session with this adapter's parameters bound (their values keep their memory)
+    params: dict[str, np.ndarray]  # the same parameters, for the batching engine to join with other adapters'
     bytes: int
     rank: int
     load_ms: float
@@ -212,7 +214,7 @@ class AdapterRegistry:
         t0 = time.perf_counter()
         if len(spec) == 1 and spec[0][1] == 1.0:
             path, rank = self._checked_path(spec[0][0])
-            params = read_ort_parameters(path)
+            arrays = map_parameters(path)
             size = path.stat().st_size
         else:
             parts = [(read_adapter(self._checked_path(name)[0], self.groups)[0], weight) for name, weight in spec]
@@ -220,9 +222,9 @@ class AdapterRegistry:
             # quantized slots take the composed factors quantized again (int8 gets its stored integers back,
             # since a weight only re-scales rank components)
             arrays = adapter_parameters(factors, *self.codec)
-            params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
             size, rank = sum(array.nbytes for array in arrays.values()), factors.rank
-        return ResidentAdapter(key, spec, BindingPool(self.session, params), size, rank,
+        params = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        return ResidentAdapter(key, spec, BindingPool(self.session, params), arrays, size, rank,
                                (time.perf_counter() - t0) * 1e3)
 
     def _checked_path(self, name: str) -> tuple[Path, int]:

@@ -189,16 +189,15 @@ def test_group_query_attention_steps_write_the_cache_in_place(gqa_llama):
     chat = model.chat(adapter="rs")
     chat.send([1, 40, 8], max_new_tokens=4)  # reserves 6 positions
     chat.send([15], max_new_tokens=2)  # needs 9: the buffers grow to 12, keeping what they hold
-    buffers = dict(chat._cache._arrays)
+    buffers = dict(chat.cache.arrays)
     third = chat.send([18], max_new_tokens=2)  # needs 12: fits
-    assert all(chat._cache._arrays[name] is array for name, array in buffers.items())
+    assert all(chat.cache.arrays[name] is array for name, array in buffers.items())
     fed = chat.token_ids[:-1]  # the last answer token is not fed until the next turn
-    assert chat._cache.length == len(fed) and chat._cache.capacity == 12
+    assert chat.cache.length == len(fed) and chat.cache.capacity == 12
     assert third.token_ids == model.generate(chat.token_ids[:-2], adapter="rs", max_new_tokens=2).token_ids
     plain = KVCache()
-    with model._call("rs") as call:
-        ids = np.asarray([fed])
-        model._forward(call, ids, np.ones_like(ids), np.arange(len(fed))[None], plain)
+    with model.call("rs") as call:
+        model.runner.forward(call, np.asarray([fed]), np.arange(len(fed))[None], plain)
     for name, array in buffers.items():
         np.testing.assert_allclose(array[:, :, : len(fed)], plain.values[name].numpy(), atol=1e-5)
         assert not array[:, :, len(fed):].any()
@@ -207,11 +206,10 @@ def test_group_query_attention_steps_write_the_cache_in_place(gqa_llama):
 def test_a_generation_past_its_reserved_cache_grows_it(gqa_llama, monkeypatch):
     """A generation reserves a bounded number of positions past its prompt, whatever max_new_tokens allows; past
     them the buffers double mid-generation, keeping what they hold."""
-    from edgelora.runtime import EdgeModel
-    from edgelora.runtime import model as runtime_model
+    from edgelora.runtime import EdgeModel, runner
 
-    monkeypatch.setattr(runtime_model, "KV_RESERVE_AHEAD", 2)  # 6 positions for this prompt, then 12
-    model = EdgeModel.open(gqa_llama.package)
+    monkeypatch.setattr(runner, "KV_RESERVE_AHEAD", 2)  # 6 positions for this prompt, then 12
+    model = EdgeModel.open(gqa_llama.package, batching=False)  # the engine's rows hold the whole context
     prompt = [1, 40, 8, 15]
     result = model.generate(prompt, adapter="rs", max_new_tokens=8, ignore_eos=True)
     ids = list(prompt)

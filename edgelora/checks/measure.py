@@ -115,7 +115,7 @@ def hot_swap_us(model, names: list[str], rounds: int = HOT_SWAP_ROUNDS) -> float
     samples = []
     for i in range(rounds):
         t0 = time.perf_counter_ns()
-        call = model._call(names[i % len(names)])
+        call = model.call(names[i % len(names)])
         samples.append(time.perf_counter_ns() - t0)
         call.close()
     return float(np.median(samples)) / 1e3
