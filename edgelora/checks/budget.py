@@ -143,7 +143,7 @@ def load_budgets(path: str | Path) -> Budgets:
             raise EdgeLoraError(f"{path}: quality.min_greedy_agreement: expected a fraction in (0, 1], got {value}")
         budgets.min_greedy_agreement = value
     if not (budgets.sizes or budgets.adapter_sizes or budgets.needs_latency or budgets.min_greedy_agreement):
-        raise EdgeLoraError(f"{path}: defines no budgets; see README.md, 'CI checks: edgelora check'")
+        raise EdgeLoraError(f"{path}: defines no budgets; see docs/checks.md")
     return budgets
 
 
