@@ -44,6 +44,7 @@ def build_model(work: Path) -> None:
     """The base folder (config + weights + a tokenizer, which the genai builder needs) and the adapters."""
     import torch
     import transformers
+
     from edgelora.demo.tiny_models import random_peft_adapter, save_char_tokenizer
 
     missing = [name for name in ADAPTERS if not (work / "peft" / name / "adapter_config.json").exists()]
@@ -183,8 +184,9 @@ def worker_torch(work: Path, reps: int) -> dict:
 def worker_swap(work: Path) -> dict:
     """Picking another resident adapter for a call (edgelora) against PEFT's ``set_adapter``."""
     import torch
-    from edgelora.runtime import EdgeModel
     from tenants import peft_set_adapter_seconds
+
+    from edgelora.runtime import EdgeModel
 
     model = EdgeModel.open(work / "edgelora-int4")
     for name in ("a", "b"):

@@ -46,11 +46,11 @@ def accuracy_flags(base: str) -> list[str]:
 def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) -> None:
     """A package as ``export --quantize Q --adapter-dtype D`` writes it, from the fp32 package's graph."""
     import onnx
+
     from edgelora.exporters.base_quant import quantize_base
     from edgelora.exporters.package_files import graph_bytes, write_adapter_entry
     from edgelora.exporters.peft_ingest import ingest_peft
     from edgelora.exporters.slot_codec import encode_slots
-
     from edgelora.format.manifest import load_manifest
 
     if (dst / "edgelora.json").exists():

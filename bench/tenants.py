@@ -66,6 +66,7 @@ def peft_set_adapter_seconds(work: Path, rounds: int) -> list[float]:
 def hot_swap(work: Path, n=5000):
     import onnxruntime as ort
     import torch
+
     from edgelora.runtime import EdgeModel
 
     m = EdgeModel.open(work / "pkg")
@@ -99,9 +100,10 @@ def hot_swap(work: Path, n=5000):
 
 
 def cold_load(work: Path, reps=20):
-    from edgelora.runtime import EdgeModel
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from edgelora.runtime import EdgeModel
 
     blob = work / "pkg/adapters/big.onnx_adapter"
     first, first_pass, racing, unverified, reload = [], [], [], [], []

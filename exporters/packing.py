@@ -1,9 +1,9 @@
 """Pack projections of the same input into one MatMul: q/k/v of each fused attention, and the rest (gate/up).
 
 A decode step on a CPU pays per node more than per multiply (see fusion.py), and a few narrow
-products of the same input keep onnxruntime's thread pool busier than one wide one: packing a Llama
-MLP's gate and up projections (a Split after the one MatMul, so no node less) made int4 decode of
-the 135M model 6% faster.
+products of the same input keep onnxruntime's thread pool busier than one wide one: packing a
+Llama MLP's gate and up projections (a Split after the one MatMul, so no node less) still decodes
+faster.
 onnxruntime's GroupQueryAttention takes the packed ``[q | k | v]`` as its query when key and value
 are left out, as in onnxruntime-genai's graphs. The packing runs on the float graph, before base
 quantization, so MatMulNBits quantizes the packed weight like any other.

@@ -134,9 +134,10 @@ def make_adapter(base, out_dir: Path, name: str, seed: int, family: str = "llama
     """A saved PEFT adapter, and PEFT's model as loaded from it. Tensors that are no LoRA factor (saved
     copies of base weights, DoRA magnitudes, biases) are perturbed: at their initial values they change nothing."""
     import torch
-    from edgelora.demo.tiny_models import random_peft_adapter
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
+
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     spec = dict(ADAPTERS["plain" if name == "legacy" else name])
     peft_model = random_peft_adapter(base, out_dir, seed=seed, r=spec.pop("r"), alpha=spec.pop("alpha"),

@@ -62,7 +62,6 @@ def test_simultaneous_add_adapter_runs_keep_every_adapter(llama, fresh_package, 
     from concurrent.futures import ThreadPoolExecutor
 
     from edgelora.exporters.add_adapter import add_adapter
-
     from edgelora.format.manifest import load_manifest
 
     names = [f"t{i}" for i in range(4)]
@@ -102,7 +101,6 @@ def test_without_its_base_add_adapter_records_the_delta_error_and_check_says_why
     import shutil
 
     from edgelora.demo.tiny_models import build_causal_lm
-
     from edgelora.format.manifest import load_manifest
 
     if base == "broken":

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
+
 from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
+from edgelora.errors import BusyError, EdgeLoraError
 from edgelora.exporters.export import ExportOptions, export_package
 from edgelora.runtime import BatchSettings, EdgeModel, SamplingParams
-
-from edgelora.errors import BusyError, EdgeLoraError
 
 # "demo"-sized layers have a head size of 16, which GroupQueryAttention takes: the graphs whose rows share steps.
 # A wider initializer range gives logits margins like a trained model's, so greedy tokens do not flip on the

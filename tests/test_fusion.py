@@ -34,10 +34,9 @@ def gqa_llama(tmp_path_factory):
 
 
 def test_group_query_attention_graph_matches_peft(gqa_llama):
-    from edgelora.runtime import EdgeModel
-
     from edgelora.errors import EdgeLoraError
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     ops = op_counts(gqa_llama.package / "model.onnx")
     layers = 4
@@ -60,9 +59,8 @@ def test_group_query_attention_graph_matches_peft(gqa_llama):
                                              ("mistral", "plain")])
 def test_fused_attention_families_match_peft_over_a_long_context(tmp_path, family, adapter):
     """Prefill and single steps past twice Mistral's window, on the fused graph (packed q/k/v, GroupQueryAttention)."""
-    from edgelora.runtime import EdgeModel
-
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     built = build(tmp_path, family, [adapter], size="small")
     layers = 4
@@ -94,8 +92,9 @@ def test_gpt2_with_unslotted_conv1d_layers_loads_and_matches_peft(tmp_path):
 
 
 def test_sliding_windows_per_layer_follow_the_config():
-    from edgelora.exporters.causal_lm import sliding_windows
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from edgelora.exporters.causal_lm import sliding_windows
 
     assert sliding_windows(LlamaConfig(num_hidden_layers=2)) == [None, None]
     assert sliding_windows(MistralConfig(num_hidden_layers=2, sliding_window=8)) == [8, 8]
@@ -141,10 +140,9 @@ def test_a_group_of_some_of_the_packed_modules_matches_peft(llama, tmp_path):
     """PEFT's default targets, q and v: their group's delta joins the packed q|k|v before its Split, with zero
     columns for k, and a path blob written with the package's groups answers as the package's own."""
     from edgelora.exporters.export import ExportOptions, export_package
-    from edgelora.runtime import EdgeModel
-
     from edgelora.format.adapter_file import read_adapter, write_adapter
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     package = tmp_path / "pkg"
     export_package(llama.base_dir, {"plain": llama.adapter_dirs["plain"]}, package, ExportOptions(progress=False))
@@ -263,9 +261,8 @@ def test_untied_lm_head_computes_the_same_and_quantizes():
 def test_runtime_threads_spin_briefly_unless_told(llama):
     """Worker threads spin 20 µs for the next op by default (fast alone, yielding beside a busy process);
     spin_us=0 never spins, and a bad value is refused in one line."""
-    from edgelora.runtime import EdgeModel
-
     from edgelora.errors import EdgeLoraError
+    from edgelora.runtime import EdgeModel
 
     def entries(model):
         return [model._options.get_session_config_entry(f"session.intra_op.{key}")

@@ -8,9 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from edgelora.exporters.peft_ingest import ingest_peft, read_weights
 
 from edgelora.errors import EdgeLoraError
+from edgelora.exporters.peft_ingest import ingest_peft, read_weights
 
 
 def peft_delta(peft_model, module: str) -> np.ndarray:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from edgelora.runtime import EdgeModel
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -31,6 +30,7 @@ from edgelora.format.factors import AdapterFactors, ModuleFactors
 from edgelora.format.fileio import check_name
 from edgelora.format.manifest import FILENAME, load_manifest
 from edgelora.format.sidecar import read_sidecar
+from edgelora.runtime import EdgeModel
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,8 +17,9 @@ def probe(tmp_path_factory) -> Built:
     """A base with trained-like logit margins (see build_causal_lm) and an adapter of trained-like size:
     rank 16 on every projection, B ~ N(0, 0.02), which moves about a quarter of the top-1 tokens."""
     import torch
-    from edgelora.demo.tiny_models import build_causal_lm
     from peft import LoraConfig, get_peft_model
+
+    from edgelora.demo.tiny_models import build_causal_lm
 
     tmp = tmp_path_factory.mktemp("probe")
     base = build_causal_lm(tmp / "base", size="tiny", initializer_range=0.1)
@@ -52,9 +53,8 @@ def export(probe: Built, name: str, **kwargs):
 @pytest.mark.parametrize("dtype, max_rel_error, min_top1", [("fp16", 1e-3, 0.99), ("int8", 5e-3, 0.99),
                                                             ("int4", 5e-2, 0.95)])
 def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
-    from edgelora.runtime import EdgeModel
-
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     package = export(probe, dtype, adapter_dtype=dtype)
     got = EdgeModel.open(package).logits(IDS, adapter="a")
@@ -91,11 +91,12 @@ def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_adapter_agrees_on_the_completions_it_was_trained_for(trained, tmp_path, dtype):
     import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from edgelora.exporters.examples import read_examples
     from edgelora.exporters.export import ExportOptions, export_package
     from edgelora.runtime import EdgeModel
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir, adapter_dir, test_file = trained
     manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg",
@@ -163,9 +164,9 @@ def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
 
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
-    from edgelora.runtime import EdgeModel
 
     from edgelora.format.manifest import load_manifest
+    from edgelora.runtime import EdgeModel
 
     package = export(probe, "merged", mode="merged")
     with warnings.catch_warnings():
@@ -190,6 +191,7 @@ def test_merged_mode_matches_peft_merge_and_unload(probe):
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
     import onnx
+
     from edgelora.runtime import EdgeModel
 
     package = export(probe, f"base-{quantize}", quantize=quantize, adapter_dtype="int8")
@@ -225,10 +227,10 @@ def test_add_adapter_encodes_in_the_package_codec(probe, tmp_path):
 def test_adapter_sizes_against_peft_safetensors(tmp_path):
     """Exact file sizes at rank 16 on all seven projections of one SmolLM-135M-shaped layer."""
     import torch
-    from edgelora.exporters.peft_ingest import ingest_peft
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from edgelora.exporters.peft_ingest import ingest_peft
     from edgelora.format.adapter_file import write_adapter
 
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
@@ -251,8 +253,9 @@ def test_adapter_sizes_against_peft_safetensors(tmp_path):
 def test_merge_then_quantize_beats_quantize_then_merge():
     """Why merged mode merges in float first: a delta added to already-quantized weights must be quantized
     again, and most of a small delta is lost to the second rounding."""
-    from edgelora.exporters.base_quant import quantize_base
     from onnx import TensorProto, helper, numpy_helper
+
+    from edgelora.exporters.base_quant import quantize_base
 
     def int4(w: np.ndarray) -> np.ndarray:
         """The weights the package's int4 base quantization makes of ``w`` (a MatMul read back with x = I)."""
@@ -279,6 +282,7 @@ def test_merge_then_quantize_beats_quantize_then_merge():
 def embedding_adapter_package(tmp_path, dtype: str):
     """(PEFT model, base model, package) for a LoRA on the embedding (vocabulary 100) and a pair of projections."""
     from conftest import make_adapter
+
     from edgelora.demo.tiny_models import build_causal_lm
     from edgelora.exporters.export import ExportOptions, export_package
 
@@ -294,6 +298,7 @@ def test_quantized_embedding_slots_against_peft(tmp_path, dtype):
     """An embedding slot looks its factor up (Gather) instead of multiplying by it: the int8 codec, which
     scales the product rather than the factor, must serve that path too."""
     import torch
+
     from edgelora.runtime import EdgeModel
 
     peft_model, base, package = embedding_adapter_package(tmp_path, dtype)

@@ -29,6 +29,7 @@ def deep_base(folder, family: str, layers: int, changes: dict):
     """A random base whose every layer differs from the others, norms and biases included (at their initial
     ones and zeros, a copy reading another layer's norm would go unnoticed)."""
     import torch
+
     from edgelora.demo.tiny_models import build_causal_lm
 
     base = build_causal_lm(folder, family=family, layers=layers)

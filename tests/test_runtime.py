@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from edgelora.runtime import EdgeModel
 
 from edgelora.errors import EdgeLoraError
+from edgelora.runtime import EdgeModel
 
 
 def test_importing_the_runtime_loads_no_torch():

@@ -95,8 +95,9 @@ def soak(package: Path, calls: int) -> dict:
 def make_package(llama, folder: Path) -> Path:
     """The llama test package plus 20 adapters added with add-adapter, from random PEFT weights."""
     import torch
-    from edgelora.exporters.add_adapter import add_adapter
     from safetensors.torch import load_file, save_file
+
+    from edgelora.exporters.add_adapter import add_adapter
 
     package = folder / "pkg"
     shutil.copytree(llama.package, package)

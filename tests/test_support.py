@@ -63,9 +63,8 @@ def qwen2_base(tmp_path_factory):
 
 @pytest.mark.parametrize("adapter, feature", [(a[0], r) for _, a, r in VARIANTS if r])
 def test_separate_mode_refuses_merge_only_variants_naming_merged_mode(qwen2_base, tmp_path, adapter, feature):
-    from edgelora.exporters.peft_ingest import ingest_peft
-
     from edgelora.errors import EdgeLoraError
+    from edgelora.exporters.peft_ingest import ingest_peft
 
     make_adapter(qwen2_base, tmp_path / adapter, adapter, seed=7, family="qwen2")
     with pytest.raises(EdgeLoraError) as e:
@@ -79,10 +78,9 @@ def test_separate_mode_refuses_merge_only_variants_naming_merged_mode(qwen2_base
 def test_merged_mode_refuses_embedding_lora_on_tied_embeddings(tmp_path):
     """GPT-2 ties wte to lm_head: merging would change the output layer, which PEFT's forward does not."""
     from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.errors import EdgeLoraError
     from edgelora.exporters.merge import merged_copy
     from edgelora.exporters.peft_ingest import ingest_peft
-
-    from edgelora.errors import EdgeLoraError
 
     base = build_causal_lm(tmp_path / "base", family="gpt2", with_tokenizer=False)
     make_adapter(base, tmp_path / "a", "embedding", seed=3, family="gpt2")

@@ -9,12 +9,12 @@ import threading
 
 import numpy as np
 import pytest
-from edgelora.runtime import EdgeModel
 
 from edgelora.errors import EdgeLoraError
 from edgelora.format.adapter_file import read_adapter, read_ort_parameters, write_adapter
 from edgelora.format.factors import AdapterFactors, ModuleFactors
 from edgelora.format.manifest import load_manifest
+from edgelora.runtime import EdgeModel
 
 IDS = [[1, 8, 5, 12, 12, 15, 3, 40]]
 

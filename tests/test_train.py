@@ -39,9 +39,10 @@ def lora_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 def test_same_seed_same_adapter_and_peft_loads_it(base_dir, data, tmp_path):
     import torch
-    from edgelora.training.trainer import train_adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from edgelora.training.trainer import train_adapter
 
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -79,6 +80,7 @@ def test_labels_cover_the_completion_and_eos_only(base_dir):
 def test_exact_match_is_batched_greedy_decoding(base_dir):
     """Left-padded batched generation must give what one-at-a-time argmax decoding gives."""
     import torch
+
     from edgelora.exporters.base_model import load_base
     from edgelora.exporters.examples import Example, load_tokenizer
     from edgelora.training.trainer import evaluate

@@ -14,10 +14,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgelora.errors import EdgeLoraError
 from edgelora.exporters.base_model import check_base_dir, load_base
 from edgelora.exporters.examples import IGNORE, Example, encode, load_tokenizer, read_examples
-
-from edgelora.errors import EdgeLoraError
 from edgelora.format.fileio import atomic_dir
 
 
@@ -146,8 +145,6 @@ def train_adapter(base_dir: str | Path, data: str | Path, out: str | Path, rank:
 
     import torch
     from peft import LoraConfig, get_peft_model
-
-    
 
     base_dir, out = Path(base_dir), Path(out)
     for name, value in (("--rank", rank), ("--epochs", epochs), ("--batch-size", batch_size)):

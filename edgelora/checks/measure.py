@@ -108,8 +108,8 @@ def cold_load_ms(model, adapter: str, runs: int) -> float:
 
 def hot_swap_us(model, names: list[str], rounds: int = HOT_SWAP_ROUNDS) -> float:
     """Median µs to point a call at another resident adapter (what a per-request switch costs: a ready binding
-    of that adapter's parameters from its pool). Handing the binding back after the call (about 20 µs on the
-    135M model, clearing the call's tensors from it) is every call's cost, switching or not."""
+    of that adapter's parameters from its pool). Handing the binding back after the call (clearing the call's
+    tensors from it) is every call's cost, switching or not, so it is not counted here."""
     for n in names:
         model.load_adapter(n)
     samples = []

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from edgelora.demo.tasks import TENANTS, generic_examples, tenant_split
 from edgelora.demo.tiny_models import build_causal_lm
 from edgelora.exporters.examples import Example, load_tokenizer
