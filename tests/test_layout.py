@@ -122,3 +122,15 @@ def test_old_module_paths_still_import_with_a_warning(old, new):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+
+
+def test_the_old_package_writer_still_takes_keyword_options(tmp_path):
+    import importlib
+
+    from edgelora.errors import EdgeLoraError
+
+    sys.modules.pop("edgelora.exporters.package_writer", None)
+    with pytest.warns(DeprecationWarning, match="edgelora.exporters.export"):
+        old = importlib.import_module("edgelora.exporters.package_writer")
+    with pytest.raises(EdgeLoraError, match="--block-size 7"):  # refused by ExportOptions, before any work
+        old.export_package(tmp_path / "base", {}, tmp_path / "pkg", block_size=7, progress=False)
