@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
 from edgelora.errors import BusyError, EdgeLoraError
-from edgelora.exporters.package_writer import export_package
-from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+from edgelora.exporters.export import ExportOptions, export_package
 from edgelora.runtime import BatchSettings, EdgeModel, SamplingParams
 
 # "demo"-sized layers have a head size of 16, which GroupQueryAttention takes: the graphs whose rows share steps.
@@ -25,7 +25,8 @@ def batch_package(tmp, family: str, adapter_dtype: str = "fp32", ranks=(4, 6, 8)
     for i, (name, rank) in enumerate(zip("abc", ranks)):
         dirs[name] = tmp / "adapters" / name
         random_peft_adapter(base, dirs[name], seed=10 + i, r=rank, alpha=2 * rank, targets="all-linear")
-    export_package(tmp / "base", dirs, tmp / "pkg", progress=False, adapter_dtype=adapter_dtype, quantize=quantize)
+    export_package(tmp / "base", dirs, tmp / "pkg",
+                   ExportOptions(progress=False, adapter_dtype=adapter_dtype, quantize=quantize))
     return tmp / "pkg"
 
 
