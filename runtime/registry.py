@@ -5,7 +5,7 @@ adapter it runs with, so an eviction during that call cannot pull the weights fr
 Single adapters and compositions live in the same LRU under the same byte budget: a composition
 is just another blob, built once from its parts' files.
 
-A blob's sha256 costs about 1.5 ms per MB here, more than its load, so it is kept off
+A blob's sha256 costs more than its load (docs/benchmarks.md), so it is kept off
 the request path: ``verify_in_background`` hashes the package's adapters from ``open`` on, and a
 request that arrives first waits for (or runs) that one check. A passed check is remembered with the
 file's identity (inode, size, mtime, ctime); a file that changes afterwards is checked again.
