@@ -24,12 +24,12 @@ import openai
 import pytest
 import uvicorn
 
-from edgelora.adapter_file import write_adapter
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.manifest import load_manifest
+from edgelora.format.adapter_file import write_adapter
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.manifest import load_manifest
 from edgelora.runtime import EdgeModel
 from edgelora.server import Settings, create_app
-from edgelora.sidecar import write_sidecar
+from edgelora.format.sidecar import write_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = (
@@ -253,13 +253,13 @@ def test_an_unexpected_failure_is_a_one_line_500_and_the_server_goes_on(llama, t
 
 
 def test_embeddings_float_and_base64(tmp_path_factory):
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_encoder, random_peft_adapter
+    from edgelora.demo.tiny_models import build_encoder, random_peft_adapter
+    from edgelora.exporters.export import ExportOptions, export_package
 
     folder = tmp_path_factory.mktemp("encoder")
     base = build_encoder(folder / "base", task="feature-extraction")
     random_peft_adapter(base, folder / "lora", seed=3, targets=("query", "value"))
-    export_package(folder / "base", {"tenant": folder / "lora"}, folder / "pkg", progress=False)
+    export_package(folder / "base", {"tenant": folder / "lora"}, folder / "pkg", ExportOptions(progress=False))
     reference = EdgeModel.open(folder / "pkg")
     live = start(folder / "pkg")
     try:
