@@ -105,9 +105,13 @@ class TextStream:
         self.result = yield from self._source
 
     def close(self) -> None:
+        """Safe from any thread: a thread reading the stream meanwhile gets its end, with reason "cancelled"."""
         if self._cancel is not None:
             self._cancel()
-        self._source.close()
+        try:
+            self._source.close()
+        except ValueError:  # another thread is inside the generator: the cancel ends its reading
+            pass
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -205,3 +205,17 @@ def test_closing_the_model_ends_every_stream(llama_fp32):
         assert stream.result.finish_reason == "cancelled" and len(stream.result.token_ids) < 400
     with pytest.raises(EdgeLoraError, match="the model's batching engine is closed"):
         model.generate([5])
+
+
+def test_a_queued_stream_closed_from_another_thread_ends_its_reader(llama_fp32):
+    """A server's worker thread blocks reading a queued request while the event loop closes it (the client left)."""
+    model = EdgeModel.open(llama_fp32, batching=BatchSettings(max_batch=1))
+    running = model.stream([5, 6, 7], adapter="a", max_new_tokens=400, ignore_eos=True)
+    queued = model.stream([5, 6], adapter="b", max_new_tokens=400, ignore_eos=True)
+    reader = threading.Thread(target=lambda: [None for _ in queued])
+    reader.start()
+    time.sleep(0.05)
+    queued.close()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and queued.result.finish_reason == "cancelled"
+    running.close()
