@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from edgelora.runtime import EdgeModel
@@ -76,6 +77,13 @@ class RayServer:
         reply = httpx.get(self.url + "/v1/replicas", headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30)
         reply.raise_for_status()
         return reply.json()["data"]
+
+    def retried(self) -> int:
+        """Requests the ingress answered 503 (a replica died under them), from its /metrics."""
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}, timeout=30).text
+        return int(sum(sample.value for family in text_string_to_metric_families(text)
+                       for sample in family.samples
+                       if sample.name == "edgelora_requests_total" and sample.labels["status"] == "503"))
 
     def stop(self) -> None:
         try:
@@ -145,6 +153,7 @@ def test_a_replica_killed_under_load_loses_no_retried_request(cluster, reference
         ray.kill(ray.get_actor(victim["actor"], namespace=namespace), no_restart=True)
         answers = [future.result(timeout=240) for future in futures]
     assert answers == [expected(reference, tenant, prompt, tokens) for tenant, prompt in work]
+    assert cluster.retried() >= 1  # the kill did hit requests, which the client retried
     for tenant in TENANTS:  # served on after the kill, the killed replica's tenants too
         assert complete(cluster, tenant, PROMPTS[0], tokens, 6) == expected(reference, tenant, PROMPTS[0], tokens)
     after = {r["id"]: r for r in cluster.replicas()}

@@ -91,7 +91,7 @@ class RemoteEngines:
         totals: dict = {}
         for snapshot in self.model.replicas():
             for name, value in snapshot["engine"].items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     totals[name] = totals.get(name, 0) + value
         return totals
 
