@@ -400,11 +400,14 @@ def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
               help="With --ray: adapters (or compositions) kept warm per replica.")
 @click.option("--replica-memory-mb", type=float, default=None, help="With --ray: each replica's adapter memory cap.")
 @click.option("--replica-cpus", default=1.0, show_default=True, help="With --ray: Ray CPUs per replica.")
+@click.option("--routing", type=click.Choice(["adapter", "load"]), default="adapter", show_default=True,
+              help="With --ray: to a replica where the request's adapter is warm, or Ray's default (the less busy "
+                   "of two replicas, for comparison).")
 @click.option("--ray-address", default=None,
               help="With --ray: a running Ray cluster (auto, ray://HOST:10001)  [default: start one here]")
 def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name, max_tokens, max_body_mb,
           max_upload_mb, grace, max_batch, max_queue, on_ray, replicas, adapters_per_replica, replica_memory_mb,
-          replica_cpus, ray_address):
+          replica_cpus, routing, ray_address):
     """Serve PACKAGE over OpenAI's HTTP API; each request picks its adapter through `model` (needs edgelora[serve])."""
     try:
         from .server.run import serve as run_server
@@ -417,14 +420,14 @@ def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name,
     if on_ray and adapter_memory_mb is not None:
         raise EdgeLoraError("--adapter-memory-mb: with --ray, each replica's cap is --replica-memory-mb")
     if on_ray:
-        serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus, ray_address,
-                     max_batch, max_queue)
+        serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus,
+                     routing == "adapter", ray_address, max_batch, max_queue)
     else:
         run_server(package, settings, adapter_memory_mb=adapter_memory_mb, max_batch=max_batch, max_queue=max_queue)
 
 
-def serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus, address,
-                 max_batch, max_queue) -> None:
+def serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus,
+                 route_by_adapter, address, max_batch, max_queue) -> None:
     """``edgelora serve --ray``: the same settings, the model's replicas on Ray (see docs/ray.md)."""
     try:
         from .server.ray_app import RayOptions, serve_on_ray as run_on_ray
@@ -433,7 +436,8 @@ def serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memo
             from None
     run_on_ray(package, settings, RayOptions(replicas=replicas, adapters_per_replica=adapters_per_replica,
                                              replica_memory_mb=replica_memory_mb, replica_cpus=replica_cpus,
-                                             max_batch=max_batch, max_queue=max_queue, address=address))
+                                             max_batch=max_batch, max_queue=max_queue,
+                                             route_by_adapter=route_by_adapter, address=address))
 
 
 if __name__ == "__main__":

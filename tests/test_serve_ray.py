@@ -18,7 +18,8 @@ from ray import serve
 
 from edgelora.runtime import EdgeModel
 from edgelora.server import Settings
-from edgelora.server.ray_app import APP_NAME, RayOptions, build_app
+from edgelora.errors import EdgeLoraError
+from edgelora.server.ray_app import APP_NAME, RayOptions, build_app, parse_arguments
 from test_serve import KEYS, random_blob, sha, upload
 
 PACKAGED = ["plain", "rs", "patterns"]
@@ -158,3 +159,17 @@ def test_a_replica_killed_under_load_loses_no_retried_request(cluster, reference
         assert complete(cluster, tenant, PROMPTS[0], tokens, 6) == expected(reference, tenant, PROMPTS[0], tokens)
     after = {r["id"]: r for r in cluster.replicas()}
     assert sum(after[survivor["id"]]["requests"].values()) > sum(survivor["requests"].values())
+
+
+def test_serve_run_arguments_reach_the_settings_and_options(tmp_path):
+    package, settings, options = parse_arguments({"package": "pkg", "keys": "k.toml", "max_tokens": "64",
+                                                  "replicas": "3", "replica_memory_mb": "12.5",
+                                                  "route_by_adapter": "false"})
+    assert (package, settings.keys, settings.max_tokens) == (Path("pkg"), Path("k.toml"), 64)
+    assert (options.replicas, options.replica_memory_mb, options.route_by_adapter) == (3, 12.5, False)
+    for args, message in [({"keys": "k"}, "package: missing"),
+                          ({"package": "p", "replicas": "two"}, "replicas: expected an int"),
+                          ({"package": "p", "port": "80"}, "port: unknown argument"),
+                          ({"package": "p", "route_by_adapter": "no"}, "route_by_adapter: expected true or false")]:
+        with pytest.raises(EdgeLoraError, match=message):
+            parse_arguments(args)

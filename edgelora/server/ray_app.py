@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ray import serve
@@ -95,6 +95,42 @@ def build_app(package, settings: Settings, options: RayOptions):
     replicas = replica.bind(str(package), str(settings.adapter_dir), options.adapters_per_replica,
                             options.replica_memory_mb, options.max_batch, options.max_queue)
     return ingress.bind(replicas, str(package), settings, options)
+
+
+def app_builder(args: dict[str, str]):
+    """For ``serve run edgelora.server.ray_app:app_builder package=pkg/ keys=keys.toml replicas=4`` and for a Serve
+    config file's ``import_path``/``args``, where ``deployments`` can override EdgeReplica's settings (autoscaling)."""
+    return build_app(*parse_arguments(args))
+
+
+def parse_arguments(args: dict[str, str]) -> tuple[Path, Settings, RayOptions]:
+    """``package`` and any field of ``Settings`` or ``RayOptions`` by name, as text (host and port belong to Serve's
+    own HTTP options there)."""
+    args = dict(args)
+    if "package" not in args:
+        raise EdgeLoraError("package: missing (package=PATH to the edgelora package to serve)")
+    package = Path(args.pop("package"))
+    chosen = {}
+    for cls in (Settings, RayOptions):
+        known = {f.name: f for f in fields(cls) if f.name not in ("host", "port")}
+        chosen[cls] = {name: parse_value(name, args.pop(name), known[name].type)
+                       for name in list(args) if name in known}
+    if args:
+        raise EdgeLoraError(f"{', '.join(sorted(args))}: unknown argument; expected package or a field of Settings "
+                            "or RayOptions")
+    return package, Settings(**chosen[Settings]), RayOptions(**chosen[RayOptions])
+
+
+def parse_value(name: str, text: str, annotation: str):
+    kind = annotation.split(" | ")[0]
+    if kind == "bool":
+        if text.lower() not in ("true", "false"):
+            raise EdgeLoraError(f"{name}: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return {"int": int, "float": float, "Path": Path, "str": str}[kind](text)
+    except ValueError:
+        raise EdgeLoraError(f"{name}: expected a{'n' if kind == 'int' else ''} {kind}, got {text!r}") from None
 
 
 def serve_on_ray(package, settings: Settings, options: RayOptions) -> None:
