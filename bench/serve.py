@@ -233,9 +233,9 @@ adapter` or `--routing load`, so four adapters are warm at a time for eight tena
 {args.note}
 
 Each request: a {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, greedy, EOS ignored, streamed (the package's
-tokenizer is a word-level one with a word per token id, so every token is a piece of the stream); the
-{TENANTS} adapters {order}, the same sequence for every setup. One warm-up request per adapter first, not
-counted; the server's counters are those of the timed requests.
+tokenizer is a word-level one with a word per token id, so every token is a piece of the stream); the {TENANTS} adapters
+{order}, the same sequence for every setup. One warm-up request per adapter first, not counted;
+the server's counters are those of the timed requests.
 
 {table}""" + ("".join(errors) + "\n" if errors else "")
 

@@ -139,7 +139,10 @@ def serve_on_ray(package, settings: Settings, options: RayOptions) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = build_app(package, settings, options)
-    ray.init(address=options.address or "local", include_dashboard=False)
+    if options.address is None:  # Ray's own services on loopback too: this instance is one machine's
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=options.address)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(app, name=APP_NAME, route_prefix="/")

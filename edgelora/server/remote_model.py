@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 
+from ray.exceptions import RayActorError
+
 from edgelora.errors import BusyError, EdgeLoraError, UnknownAdapterError
 from edgelora.runtime import composition
 from edgelora.runtime.engine import BatchSettings
@@ -26,7 +28,7 @@ ERRORS = {cls.__name__: cls for cls in (EdgeLoraError, UnknownAdapterError, Busy
 
 
 class ReplicaGone(ApiError):
-    """A replica died under a request (its node failed, or it was killed): the client may retry at once."""
+    """A replica died under a request (its node failed, or it was killed): the client retries."""
 
     def __init__(self, error: Exception):
         super().__init__(503, f"the replica serving this request failed ({type(error).__name__}); retry",
@@ -41,13 +43,6 @@ def raise_if_error(message: dict) -> dict:
     if cls is BusyError:
         raise BusyError(error["message"], retry_after_s=error["retry_after_s"] or 1.0)
     raise cls(error["message"])
-
-
-def remote_calls():
-    """Ray's errors of a call whose replica died: the request is lost, a retry goes to a live replica."""
-    from ray.exceptions import RayActorError
-
-    return (RayActorError,)
 
 
 def adapter_key(adapter) -> str:
@@ -72,7 +67,7 @@ class RemoteStream:
                 else:
                     self.model.record(message["replica"])
                     self.result = Generation(**message["result"])
-        except remote_calls() as e:
+        except RayActorError as e:  # the replica died: this request is lost, a retry goes to a live one
             raise ReplicaGone(e) from None
 
     def close(self) -> None:
@@ -136,7 +131,7 @@ class RemoteModel:
         key = adapter_key(adapter)
         try:
             message = raise_if_error(self.handle_for(key).embed.remote(key, list(texts), normalize).result())
-        except remote_calls() as e:
+        except RayActorError as e:  # the replica died: this request is lost, a retry goes to a live one
             raise ReplicaGone(e) from None
         self.record(message["replica"])
         return message["vectors"]
