@@ -170,6 +170,20 @@ def test_a_replica_killed_under_load_loses_no_retried_request(cluster, reference
     assert sum(after[survivor["id"]]["requests"].values()) > sum(survivor["requests"].values())
 
 
+def test_an_adapter_uploaded_again_under_its_name_is_served_new_everywhere(cluster, reference, tmp_path):
+    tenant, name = "t5", "u5"
+    complete(cluster, tenant, PROMPTS[0])  # warm on some replica
+    headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+    assert httpx.delete(f"{cluster.url}/v1/adapters/{name}", headers=headers, timeout=30).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(cluster, tenant, PROMPTS[0])
+    blob = random_blob(reference.package, tmp_path, name, seed=99)
+    assert upload(cluster, "admin", name, blob).status_code == 201
+    reference.load_adapter(blob, name)
+    for prompt in PROMPTS:
+        assert complete(cluster, tenant, prompt) == expected(reference, tenant, prompt)
+
+
 def test_embeddings_go_to_a_replica(cluster, tmp_path_factory):
     from edgelora.exporters.package_writer import export_package
     from edgelora.exporters.tiny_models import build_encoder, random_peft_adapter

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
+from contextlib import suppress
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -97,12 +98,14 @@ class AdapterReplica:
                 raise UnknownAdapterError(f"unknown adapter {name!r}")
             self.model.registry.register_path(path, name)
             self.uploads[name] = identity
+            if name in self.warm:  # Ray still counts it warm here: hold the new blob as it held the old
+                self.model.pin(name)
 
     async def prepare(self, key: str):
         """The runtime's adapter argument for a key, its uploads registered and the spec warm here."""
         self.requests[key] += 1
         spec = parse_key(key)
-        self.sync_uploads(spec)
+        await self.run(self.sync_uploads, spec)
         if spec is not None:
             await self.warm_adapter(key)
         return spec
@@ -155,10 +158,9 @@ class WarmAdapter:
             return
         self.replica = None
         replica.warm.discard(self.key)
-        try:
+        with suppress(EdgeLoraError):  # its upload was deleted, or replaced and not requested since
             replica.model.unpin(self.spec)
+        with suppress(EdgeLoraError):  # already evicted by the memory budget, or its upload was deleted
             replica.model.unload_adapter(self.key)
-        except EdgeLoraError:
-            pass  # already evicted by the memory budget, or its upload was deleted
         if isinstance(self.spec, str):
             replica.uploads.pop(self.key, None)  # unloading an uploaded adapter unregistered it
