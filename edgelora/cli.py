@@ -375,6 +375,24 @@ def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
              adapter_dtype=adapter_dtype)
 
 
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--port", default=8000, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--page", type=click.Path(path_type=Path), default=None,
+              help="The page's folder, with its node_modules  [default: examples/web of this clone]")
+def web(package, port, page):
+    """Serve the example web page and PACKAGE on loopback: the package runs in the browser (onnxruntime-web)."""
+    from .web import PAGE, open_server
+
+    server = open_server(package, port, page or PAGE)
+    click.echo(f"serving {package} at {server.url} (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))

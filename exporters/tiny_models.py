@@ -43,12 +43,16 @@ SIZES = {
 
 
 def char_tokenizer():
-    """A tokenizers.Tokenizer with one token per character and a BOS added to every encoding."""
+    """A tokenizers.Tokenizer with one token per character and a BOS added to every encoding.
+
+    The split pattern ``[\\s\\S]`` (any character, newlines included) is written without inline flags so that
+    JavaScript tokenizers (tokenizers.js, for the web page) read it as Rust's tokenizers do.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.add_special_tokens(SPECIALS)

@@ -15,6 +15,7 @@ the queue ``submit`` raises ``BusyError``.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -103,8 +104,9 @@ class BatchEngine:
         self._reserved = 0
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closing = False
         self._step: tuple | None = None  # (the decoding rows it was bound for, its call, its kv view)
-        self._union: tuple | None = None  # (segment labels, pool, width)
+        self._union: tuple | None = None  # (segment labels, pool, width, bytes): the last joined adapters
         self.steps = 0
         self.rows_stepped = 0
 
@@ -119,9 +121,15 @@ class BatchEngine:
                 + (f"model's context of {self.context}" if self.context <= self.kv_budget
                    else f"engine's KV budget of {self.kv_budget}")
                 + "; shorten the prompt or lower max_new_tokens")
-        resident = None if self.model.manifest.mode == "merged" else self.model.registry.resolve(adapter)
+        if self.model.manifest.mode == "merged":  # an unknown name fails here, not in the engine's thread
+            self.model.call(adapter).close()
+            resident = None
+        else:
+            resident = self.model.registry.resolve(adapter)
         request = Request(prompt_ids, adapter, resident, row)
         with self._cv:
+            if self._closing:
+                raise EdgeLoraError("the model's batching engine is closed")
             self._waiting.append(request)
             self._admit()
             if len(self._waiting) > self.settings.max_queue:
@@ -133,6 +141,7 @@ class BatchEngine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="edgelora-engine", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)
             self._cv.notify()
         return TextStream(request.pieces(), cancel=lambda: self._cancel(request))
 
@@ -142,7 +151,8 @@ class BatchEngine:
                     "prefilling": len(self._admitted) + (self._prefilling is not None),
                     "kv_reserved_tokens": self._reserved, "kv_budget_tokens": self.kv_budget,
                     "steps": self.steps, "rows_stepped": self.rows_stepped,
-                    "mixed_adapter_steps": self.mixed}
+                    "mixed_adapter_steps": self.mixed,
+                    "joined_adapter_bytes": self._union[3] if self._union is not None else 0}
 
     def _cancel(self, request: Request) -> None:
         with self._cv:
@@ -150,14 +160,30 @@ class BatchEngine:
             if request in self._waiting:
                 self._waiting.remove(request)
                 request.row.finish_reason = "cancelled"
+                request.events.put(("done", request.row.result()))
             self._cv.notify()
 
     # the scheduler thread
+
+    def close(self) -> None:
+        """Cancel the running and queued requests and stop the scheduler thread after its current step (also run
+        at interpreter exit: a thread killed inside onnxruntime's run aborts the process)."""
+        with self._cv:
+            self._closing = True
+            for request in (*self._waiting, *self._admitted, self._prefilling, *self._decoding):
+                if request is not None:
+                    request.cancelled = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _run(self) -> None:
         while True:
             with self._cv:
                 while not (self._waiting or self._admitted or self._prefilling or self._decoding):
+                    if self._closing:
+                        return
                     self._cv.wait()
                 self._admit()
             try:
@@ -188,10 +214,16 @@ class BatchEngine:
                     if not self._admitted:
                         return
                     request = self._prefilling = self._admitted.popleft()
-                self._start(request)
+                try:
+                    self._start(request)
+                except Exception as e:  # its adapter became unusable since submit: fail it alone
+                    self._prefilling = None
+                    self._release(request)
+                    request.events.put(("error", e if isinstance(e, EdgeLoraError) else EdgeLoraError(str(e))))
+                    continue
             if request.cancelled:
-                self._release(request)
                 self._prefilling = None
+                self._finish(request)
                 continue
             chunk = request.prompt_ids[request.fed:request.fed + budget]
             ids = np.asarray([chunk], np.int64)
@@ -225,7 +257,8 @@ class BatchEngine:
 
     def _kv_rows(self) -> KVRows:
         if self._rows is None:
-            self._rows = KVRows(self.model.info, self.settings.max_batch, self.context)
+            # no request needs more positions than the context or the whole budget
+            self._rows = KVRows(self.model.info, self.settings.max_batch, min(self.context, self.kv_budget))
         return self._rows
 
     def _decode(self) -> None:
@@ -293,7 +326,7 @@ class BatchEngine:
             return None
         params, width = joined
         pool = BindingPool(self.model.session, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in params.items()})
-        self._union = (segments, pool, width)
+        self._union = (segments, pool, width, sum(a.nbytes for a in params.values()))
         return pool, width
 
     def _row_steps(self) -> list:

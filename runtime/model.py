@@ -254,6 +254,11 @@ class EdgeModel(EncoderTasks):
                 self._engine = BatchEngine(self, self._batching)
             return self._engine
 
+    def close(self) -> None:
+        """Cancel the generations still running and stop the batching engine's thread."""
+        if self._engine is not None:
+            self._engine.close()
+
     def check_context(self, prompt_tokens: int, sampling: SamplingParams) -> None:
         """A prompt plus its answer must fit the model's positions: past them a model answers garbage."""
         limit = self.info.max_positions

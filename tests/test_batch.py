@@ -191,3 +191,16 @@ def test_bad_batch_settings_are_one_line_errors(llama_fp32):
     model = EdgeModel.open(llama_fp32, batching=BatchSettings(kv_tokens=64))
     with pytest.raises(EdgeLoraError, match="more than the engine's KV budget of 64"):
         model.generate([5] * 40, max_new_tokens=30)
+
+
+def test_closing_the_model_ends_every_stream(llama_fp32):
+    model = EdgeModel.open(llama_fp32, batching=BatchSettings(max_batch=1))
+    running = model.stream([5, 6, 7], adapter="a", max_new_tokens=400, ignore_eos=True)
+    queued = model.stream([5, 6], adapter="b", max_new_tokens=400, ignore_eos=True)
+    model.close()
+    for stream in (running, queued):
+        for _ in stream:
+            pass
+        assert stream.result.finish_reason == "cancelled" and len(stream.result.token_ids) < 400
+    with pytest.raises(EdgeLoraError, match="the model's batching engine is closed"):
+        model.generate([5])

@@ -27,6 +27,10 @@ def test_bad_inputs_are_one_line_with_exit_2(llama, tmp_path):
         (["export", llama.base_dir, "--adapter", f"x={tmp_path}", "--out", tmp_path / "o"], "adapter_config.json: missing"),
         (["inspect", tmp_path], "edgelora.json: missing"),
         (["generate", llama.package, "--adapter", "zzz", "--prompt", "x"], "unknown adapter 'zzz'"),
+        (["generate", llama.package, "--prompt", "x", "--max-new-tokens", "-3"],
+         "max_new_tokens must be a whole number >= 1, got -3"),
+        (["generate", llama.package, "--prompt", "x", "--temperature", "-2"], "temperature must be a number >= 0"),
+        (["generate", llama.package, "--prompt", "x" * 3000], "is past the model's context of 512 positions"),
     ]
     for args, message in cases:
         code, _, text = run_cli(*args)
