@@ -209,7 +209,7 @@ def test_embeddings_go_to_a_replica(cluster, tmp_path_factory):
 def test_serve_run_arguments_reach_the_settings_and_options(tmp_path):
     package, settings, options = parse_arguments({"package": "pkg", "keys": "k.toml", "max_tokens": "64",
                                                   "replicas": "3", "replica_memory_mb": "12.5",
-                                                  "route_by_adapter": "false"})
+                                                  "route_by_adapter": False})  # YAML gives a bool
     assert (package, settings.keys, settings.max_tokens) == (Path("pkg"), Path("k.toml"), 64)
     assert (options.replicas, options.replica_memory_mb, options.route_by_adapter) == (3, 12.5, False)
     for args, message in [({"keys": "k"}, "package: missing"),

@@ -121,8 +121,9 @@ def parse_arguments(args: dict[str, str]) -> tuple[Path, Settings, RayOptions]:
     return package, Settings(**chosen[Settings]), RayOptions(**chosen[RayOptions])
 
 
-def parse_value(name: str, text: str, annotation: str):
-    kind = annotation.split(" | ")[0]
+def parse_value(name: str, value, annotation: str):
+    """A field's value from text (or from the number or bool a YAML config file gives)."""
+    kind, text = annotation.split(" | ")[0], str(value)
     if kind == "bool":
         if text.lower() not in ("true", "false"):
             raise EdgeLoraError(f"{name}: expected true or false, got {text!r}")
