@@ -42,7 +42,7 @@ def package(work: Path) -> Path:
     if out.exists():
         return out
     decode.build_model(work)
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     base = None
     for name, (seed, rank) in ADAPTERS.items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.measure import peak_rss_bytes
+from edgelora.checks.measure import peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,7 +45,7 @@ def build_model(work: Path) -> None:
     import torch
     import transformers
 
-    from edgelora.exporters.tiny_models import random_peft_adapter, save_char_tokenizer
+    from edgelora.demo.tiny_models import random_peft_adapter, save_char_tokenizer
 
     missing = [name for name in ADAPTERS if not (work / "peft" / name / "adapter_config.json").exists()]
     if not missing:
@@ -184,9 +184,9 @@ def worker_torch(work: Path, reps: int) -> dict:
 def worker_swap(work: Path) -> dict:
     """Picking another resident adapter for a call (edgelora) against PEFT's ``set_adapter``."""
     import torch
+    from tenants import peft_set_adapter_seconds
 
     from edgelora.runtime import EdgeModel
-    from tenants import peft_set_adapter_seconds
 
     model = EdgeModel.open(work / "edgelora-int4")
     for name in ("a", "b"):

@@ -4,7 +4,7 @@
 
 Same model and adapter as bench/decode.py (run that first, or this builds and exports what it needs).
 One traced export serves the fp32, fp16 and int8 adapters: those packages are derived from the fp32 one with
-the export's own steps (``codec.encode_slots`` for the slot codec, ``quantize_base`` for MatMulNBits) and
+the export's own steps (``slot_codec.encode_slots`` for the slot codec, ``quantize_base`` for MatMulNBits) and
 ``add-adapter``'s blob writer, which is what ``edgelora export --adapter-dtype D --quantize Q`` does after
 its trace. int4 slots stay per module (no slot groups), so those packages are exported whole. ``--merged Q``
 also exports a merged package (``--mode merged --quantize Q``) to compare with the separate package of the
@@ -47,18 +47,18 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
     """A package as ``export --quantize Q --adapter-dtype D`` writes it, from the fp32 package's graph."""
     import onnx
 
-    from edgelora import codec
     from edgelora.exporters.base_quant import quantize_base
-    from edgelora.exporters.package_writer import graph_bytes, write_adapter_entry
+    from edgelora.exporters.package_files import graph_bytes, write_adapter_entry
     from edgelora.exporters.peft_ingest import ingest_peft
-    from edgelora.manifest import load_manifest
+    from edgelora.exporters.slot_codec import encode_slots
+    from edgelora.format.manifest import load_manifest
 
     if (dst / "edgelora.json").exists():
         return
     manifest = load_manifest(src)
     proto = onnx.load(str(src / "model.onnx"))
     factors = list(dict.fromkeys(n for s in manifest.slots for n in (s.a, s.b)))  # a group's are shared
-    codec.encode_slots(proto, factors, adapter_dtype, BLOCK)
+    encode_slots(proto, factors, adapter_dtype, BLOCK)
     proto = quantize_base(proto, quantize, BLOCK, accuracy_level(quantize), set(factors))
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ import numpy as np
 
 from decode import ADAPTERS, ALL, HERE, RANK, build_model
 
-from edgelora.manifest import load_manifest
+from edgelora.format.manifest import load_manifest
 
 TENANTS = 8
 PROMPT_TOKENS, NEW_TOKENS = 32, 32
@@ -60,7 +60,7 @@ def build_package(work: Path) -> Path:
     if missing:
         import transformers
 
-        from edgelora.exporters.tiny_models import random_peft_adapter
+        from edgelora.demo.tiny_models import random_peft_adapter
 
         model = transformers.LlamaForCausalLM.from_pretrained(work / "base").eval()
         for i, name in enumerate(missing):

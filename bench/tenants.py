@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tenants.py [--out bench/work] [--results bench/RESULTS-tenants.md]
 
-Model: the "small" random Llama of exporters.tiny_models (hidden 128, 4 layers, 1.6M parameters), so the
+Model: the "small" random Llama of demo/tiny_models.py (hidden 128, 4 layers, 1.6M parameters), so the
 whole run takes a few minutes on 2 cores. Every ratio is measured in the same run.
 """
 
@@ -30,8 +30,8 @@ def pct(samples, q):
 
 
 def build(work: Path):
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+    from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
+    from edgelora.exporters.export import ExportOptions, export_package
 
     if (work / "pkg/edgelora.json").exists():
         return
@@ -42,7 +42,7 @@ def build(work: Path):
     random_peft_adapter(base, dirs["a"], seed=2, r=16, alpha=16, targets=ALL)
     random_peft_adapter(base, dirs["b"], seed=3, r=16, alpha=16, targets=ALL)
     random_peft_adapter(base, dirs["mid"], seed=4, r=RSS_RANK, alpha=RSS_RANK, targets=ALL)
-    export_package(work / "base", dirs, work / "pkg", progress=False)
+    export_package(work / "base", dirs, work / "pkg", ExportOptions(progress=False))
 
 
 def peft_set_adapter_seconds(work: Path, rounds: int) -> list[float]:
@@ -178,9 +178,9 @@ print(json.dumps({"growth": rss() - before}))
 
 
 def rss(work: Path, counts=(1, 10, 50)):
-    from edgelora.adapter_file import read_adapter, write_adapter
-    from edgelora.factors import AdapterFactors, ModuleFactors
-    from edgelora.manifest import load_manifest
+    from edgelora.format.adapter_file import read_adapter, write_adapter
+    from edgelora.format.factors import AdapterFactors, ModuleFactors
+    from edgelora.format.manifest import load_manifest
 
     groups = load_manifest(work / "pkg").slot_groups
     src, _ = read_adapter(work / "pkg/adapters/mid.onnx_adapter", groups)

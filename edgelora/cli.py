@@ -1,17 +1,30 @@
-"""The ``edgelora`` command. Host-side commands import the exporters (torch) only when they run."""
+"""The ``edgelora`` command, on top of every layer below it.
+
+The device-side layers (format, runtime, checks) are imported here at the top. The host-side commands
+(``export``, ``add-adapter``, ``train``, ``demo``) import the exporters, training and the demo inside the
+command instead: those load torch, which takes seconds and is not installed with ``pip install edgelora``
+alone, and ``edgelora generate``, ``check`` or ``--help`` on a device must neither wait for torch nor need it.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from .codec import DTYPES
+from .checks import report
+from .checks.budget import LatencySettings
+from .checks.measure import cold_load_ms, compare, hot_swap_us, peak_rss_bytes
+from .checks.run import run_check
 from .errors import EXIT_BAD_INPUT, EdgeLoraError
+from .format.codec import DTYPES
+from .format.manifest import load_manifest
+from .runtime import EdgeModel
 from .units import human_bytes
-
 
 # click >= 8.2 raises this usage error, whose message is the help text, for a bare group or command
 NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -124,14 +137,15 @@ def main():
 def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, probes, overwrite,
            quiet):
     """Export BASE_DIR (a Hugging Face causal LM or BERT-family encoder) with one LoRA slot per targeted module."""
-    from .exporters.package_writer import export_package
+    from .exporters.export import ExportOptions, export_package
 
     specs = dict(parse_adapter_spec(s) for s in adapters)
     if len(specs) != len(adapters):
         raise EdgeLoraError("--adapter: the same name is given twice")
-    export_package(base_dir, specs, out, overwrite=overwrite, progress=not quiet, adapter_dtype=adapter_dtype,
-                   block_size=int(block_size), quantize=quantize, accuracy_level=accuracy_level, mode=mode,
-                   probe_data=parse_probe_specs(probes, specs))
+    options = ExportOptions(adapter_dtype=adapter_dtype, block_size=int(block_size), quantize=quantize,
+                            accuracy_level=accuracy_level, mode=mode, probe_data=parse_probe_specs(probes, specs),
+                            overwrite=overwrite, progress=not quiet)
+    export_package(base_dir, specs, out, options)
 
 
 @main.command("add-adapter")
@@ -147,7 +161,7 @@ def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accurac
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of the same name.")
 def add_adapter_cmd(package, spec, adapter_dtype, base_dir, probe_data, overwrite):
     """Add a PEFT adapter to an existing package without re-exporting the base."""
-    from .exporters.package_writer import add_adapter
+    from .exporters.add_adapter import add_adapter
 
     t0 = time.perf_counter()
     name, path = parse_adapter_spec(spec)
@@ -161,8 +175,6 @@ def add_adapter_cmd(package, spec, adapter_dtype, base_dir, probe_data, overwrit
 @click.argument("package", type=click.Path(path_type=Path))
 def inspect(package):
     """Show what a package holds: graph, slots, adapters and their sizes."""
-    from .manifest import load_manifest
-
     m = load_manifest(package)
     base_bytes = m.base_bytes
     g = m.graph
@@ -208,8 +220,6 @@ def inspect(package):
 @click.option("--stats", is_flag=True, help="Print prefill and decode timings to stderr.")
 def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, stats):
     """Generate text from PACKAGE with the chosen adapter, streaming to stdout."""
-    from .runtime import EdgeModel
-
     adapter = parse_generate_adapters(adapters)
     model = EdgeModel.open(package)
     pieces = model.stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -230,8 +240,6 @@ def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_
               help="Adapter name, with an optional strength; repeat to compose several (none: the base model).")
 def classify(package, texts, adapters):
     """Classify each --text with a sequence-classification PACKAGE: label, probability and text per line."""
-    from .runtime import EdgeModel
-
     result = EdgeModel.open(package).classify(list(texts), adapter=parse_generate_adapters(adapters))
     for text, label, probabilities in zip(texts, result.labels, result.probabilities):
         click.echo(f"{label}\t{probabilities.max():.4f}\t{text}")
@@ -245,10 +253,6 @@ def classify(package, texts, adapters):
 @click.option("--normalize", is_flag=True, help="Scale each embedding to unit length.")
 def embed(package, texts, adapters, normalize):
     """Embed each --text with a feature-extraction PACKAGE: one JSON array (mean-pooled embedding) per line."""
-    import json
-
-    from .runtime import EdgeModel
-
     model = EdgeModel.open(package)
     for vector in model.embed(list(texts), adapter=parse_generate_adapters(adapters), normalize=normalize):
         click.echo(json.dumps([float(x) for x in vector]))
@@ -257,7 +261,7 @@ def embed(package, texts, adapters, normalize):
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--budget", "budget_file", required=True, type=click.Path(path_type=Path),
-              help="TOML file of size, latency, relative and quality budgets (see README).")
+              help="TOML file of size, latency, relative and quality budgets (see docs/checks.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write a JUnit XML file, one testcase per budget.")
 @click.option("--baseline", type=click.Path(path_type=Path),
@@ -265,9 +269,6 @@ def embed(package, texts, adapters, normalize):
 @click.option("--save-baseline", type=click.Path(path_type=Path), help="Save this run's latency measurements here.")
 def check(package, budget_file, as_json, junit, baseline, save_baseline):
     """Judge PACKAGE against a budget file: exit 0 if every budget holds, 1 if one fails, 2 on bad input."""
-    from . import report
-    from .check import run_check
-
     run = run_check(package, budget_file, baseline, save_baseline)
     click.echo(report.to_json(run.results, run.metrics) if as_json else report.table(run.results), nl=False)
     if junit:
@@ -288,13 +289,6 @@ def check(package, budget_file, as_json, junit, baseline, save_baseline):
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
     """Measure PACKAGE on this machine: prefill and decode per adapter against the base, swap and load costs."""
-    import json
-    from dataclasses import asdict
-
-    from .budget import LatencySettings
-    from .measure import compare, cold_load_ms, hot_swap_us, peak_rss_bytes
-    from .runtime import EdgeModel
-
     model = EdgeModel.open(package)
     targets = [None] + [parse_generate_adapters((spec,)) for spec in adapters or model.adapters]
     if runs < 1:
@@ -346,7 +340,7 @@ def bench(package, adapters, runs, prompt_tokens, decode_tokens, as_json):
 def train(base_dir, data, out, rank, alpha, targets, epochs, max_steps, lr, batch_size, seed, eval_data, overwrite,
           quiet):
     """Train a PEFT LoRA adapter for BASE_DIR on prompt/completion pairs (loss on the completion only)."""
-    from .exporters.train import train_adapter
+    from .training.trainer import train_adapter
 
     r = train_adapter(base_dir, data, out, rank=rank, alpha=alpha, targets=targets, epochs=epochs,
                       max_steps=max_steps, lr=lr, batch_size=batch_size, seed=seed, eval_data=eval_data,
@@ -369,7 +363,7 @@ def train(base_dir, data, out, rank, alpha, targets, epochs, max_steps, lr, batc
 @click.option("--quick", is_flag=True, help="A few training steps on small sets: checks the pipeline, not the skills.")
 def demo(out, cache_dir, no_cache, quantize, adapter_dtype, quick):
     """Train tenant adapters on the shipped base, export one package, and serve the tenants per request."""
-    from .exporters.demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(out, cache_dir=cache_dir, use_cache=not no_cache, quantize=quantize, quick=quick,
              adapter_dtype=adapter_dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot, SlotGroup
+from edgelora.format.manifest import Slot, SlotGroup
 
 from . import repeat_layers
 from .fusion import fuse_for_ort

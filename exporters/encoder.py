@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot, SlotGroup
+from edgelora.format.manifest import Slot, SlotGroup
 
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
 

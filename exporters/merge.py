@@ -11,7 +11,7 @@ import copy
 import warnings
 
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors
+from edgelora.format.factors import AdapterFactors
 
 
 def with_adapter(model, factors: AdapterFactors):

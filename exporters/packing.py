@@ -1,9 +1,9 @@
 """Pack projections of the same input into one MatMul: q/k/v of each fused attention, and the rest (gate/up).
 
 A decode step on a CPU pays per node more than per multiply (see fusion.py), and a few narrow
-products of the same input keep onnxruntime's thread pool busier than one wide one: packing a Llama
-MLP's gate and up projections (a Split after the one MatMul, so no node less) made int4 decode of
-the 135M model 6% faster.
+products of the same input keep onnxruntime's thread pool busier than one wide one: packing a
+Llama MLP's gate and up projections (a Split after the one MatMul, so no node less) still decodes
+faster.
 onnxruntime's GroupQueryAttention takes the packed ``[q | k | v]`` as its query when key and value
 are left out, as in onnxruntime-genai's graphs. The packing runs on the float graph, before base
 quantization, so MatMulNBits quantizes the packed weight like any other.
@@ -11,7 +11,7 @@ quantization, so MatMulNBits quantizes the packed weight like any other.
 The slots of packed modules become one slot group per packed product (``group_slots``): one
 ``(x @ a) @ b`` added to the product before its Split, instead of a delta per module joined by a
 Concat or added part by part. Adapters keep PEFT's per-module layout everywhere else
-(``edgelora.slot_groups`` converts at the blob's edge).
+(``edgelora.format.slot_groups`` converts at the blob's edge).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgelora.manifest import SlotGroup
-from edgelora.slot_groups import factor_names, group_name, tiles
+from edgelora.format.manifest import SlotGroup
+from edgelora.format.slot_groups import factor_names, group_name, tiles
 
 
 @dataclass
@@ -181,7 +181,7 @@ def _packed_group(group: list, inits: dict) -> tuple[list, list]:
 
 def group_slots(proto: onnx.ModelProto) -> list[SlotGroup]:
     """Rewrite, in place, the slots of modules whose products were packed into one pair of grouped factors per
-    packed product (``edgelora.slot_groups``), added to the product before it is split; returns the groups.
+    packed product (``edgelora.format.slot_groups``), added to the product before it is split; returns the groups.
 
     Runs on the float slots, before the slot codec: the group's factors are then encoded like any slot's.
     """

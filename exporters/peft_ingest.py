@@ -1,4 +1,4 @@
-"""PEFT LoRA folder → plain factors (``edgelora.factors``), resolving every scaling rule the way PEFT does.
+"""PEFT LoRA folder → plain factors (``edgelora.format.factors``), resolving every scaling rule the way PEFT does.
 
 PEFT is the reference, so its own pattern resolver (``get_pattern_key``) decides which
 ``rank_pattern``/``alpha_pattern`` entry applies to a module.
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.fileio import read_json_object
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.fileio import read_json_object
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

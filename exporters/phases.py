@@ -1,6 +1,6 @@
 """What a long export step is doing, on the step's own progress line: ``[tracing 3 of 30 layers 4.1s, ...]``.
 
-The steps of ``edgelora.progress`` time whole steps; the graph export step is most of an export, so
+The steps of ``progress`` time whole steps; the graph export step is most of an export, so
 its phases (trace, fusion, quantization, saving) are reported as they start and end, and a user
 watching a minute-long step sees which part it is in.
 """

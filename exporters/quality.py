@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.adapter_file import read_adapter
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors
-from edgelora.manifest import SlotGroup
+from edgelora.format.adapter_file import read_adapter
+from edgelora.format.factors import AdapterFactors
+from edgelora.format.manifest import Manifest, Quality, SlotGroup
+from edgelora.runtime import EdgeModel
 
-from .train import IGNORE, encode, read_examples
+from .examples import IGNORE, encode, load_tokenizer, read_examples
+from .merge import with_adapter
 
 RANDOM_SHAPE = (4, 32)
 MAX_EXAMPLES = 32  # of a probe file; enough tokens to see a 1% disagreement, few enough to stay seconds
@@ -25,8 +28,8 @@ class Probe:
 
     Random ids score every position. Examples score only the positions that predict a completion token:
     after a prompt's token the next one is whatever the user typed, the model's distribution there is
-    nearly flat, and int4 factors flip those near-ties while agreeing on every completion token (measured
-    on the demo's four trained adapters: 89-99% over all positions, 100% over the completions).
+    nearly flat, and int4 factors flip those near-ties while agreeing on every completion token (the
+    demo's trained adapters: docs/benchmarks.md).
     """
 
     rows: list[np.ndarray]
@@ -102,3 +105,65 @@ def torch_forward(model, output: str = "logits"):
             return getattr(model(torch.as_tensor(ids)), output).numpy()
 
     return forward
+
+
+def check_probe_data(probe_data: dict[str, str | Path], adapters: dict, task: str) -> dict[str, Path]:
+    """``--probe-data`` as paths by adapter name ("" for the base and the rest), refused before any work."""
+    if probe_data and task != "causal-lm":
+        raise EdgeLoraError(f"--probe-data: prompt/completion examples probe a causal LM; a {task} package "
+                            "is probed with random ids")
+    for name in probe_data:
+        if name and name not in adapters:
+            raise EdgeLoraError(f"--probe-data {name}=...: no adapter {name} in this export "
+                                f"(adapters: {', '.join(sorted(adapters)) or 'none'})")
+    return {name: Path(path) for name, path in probe_data.items()}
+
+
+def read_probes(probe_data: dict[str, Path], tokenizer_dir: Path) -> dict[str, Probe]:
+    """Each file's probe, keyed like ``probe_data``; an empty dict when every probe is random ids."""
+    if not probe_data:
+        return {}
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return {name: examples_probe(path, tokenizer) for name, path in probe_data.items()}
+
+
+def quality_report(model, factors: dict[str, AdapterFactors], package: Path, manifest: Manifest,
+                   probes: dict[str, Probe], with_base: bool = True) -> dict[str, Quality]:
+    """Per adapter (and the bare base): what quantization cost against fp32 PyTorch on its probe."""
+    runtime = EdgeModel.open(package, verify=False)  # the blobs' sha256s were computed as they were written
+    task, output = manifest.task, manifest.graph["outputs"][0]
+    default = probes.get("") or random_probe(manifest.graph["vocab_size"])
+
+    def package_forward(adapter):
+        if task == "causal-lm":
+            return lambda ids: runtime.logits(ids, adapter=adapter)
+        return lambda ids: runtime.encoder_output(ids, adapter=adapter)
+
+    def measured(name: str, reference_model, **fields) -> Quality:
+        probe = probes.get(name, default)
+        reference = summary(task, torch_forward(reference_model, output), probe)
+        got = summary(task, package_forward(name or None), probe)
+        return Quality(**fields, **agreement(task, reference, got), probe=probe.label)
+
+    report = {"": measured("", model, dtype=manifest.base_quantization)} if with_base else {}
+    for name, f in factors.items():
+        entry = manifest.adapters[name]
+        report[name] = measured(
+            name, with_adapter(model, f), dtype=entry.dtype,
+            delta_rel_error=(None if manifest.mode == "merged"
+                             else delta_error(f, package / entry.file, manifest.slot_groups)),
+        )
+    return report
+
+
+def print_quality(quality: dict[str, Quality], why_not: str = "") -> None:
+    """One line per adapter on stderr, where the export's progress goes."""
+    for name, q in quality.items():
+        err = "" if q.delta_rel_error is None else f"delta rel. error {q.delta_rel_error:.2e}"
+        if q.top1_agreement is not None:
+            agree = f"top-1 agreement {q.top1_agreement:.1%} on {q.probe}"
+        elif q.min_cosine is not None:
+            agree = f"min. embedding cosine {q.min_cosine:.6f} on {q.probe}"
+        else:
+            agree = f"agreement not measured: {why_not}"
+        print(f"  {name or '(base)'}: {', '.join(filter(None, (err, agree)))}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Deep causal LMs are traced with a few of their decoder layers; the others are copied in the ONNX graph.
 
-torch.export and the exporter's decompositions cost time in proportion to what they trace (about
-1.5 s per layer of a 135M model), yet the layers of a decoder run the same code on other weights.
+torch.export and the exporter's decompositions cost time in proportion to what they trace (seconds per
+layer), yet the layers of a decoder run the same code on other weights.
 So the model is traced with layer 0 plus the first and the last layer of each kind (same class,
 attention type, parameter shapes and LoRA slots), and every other layer becomes a copy of its kind's
 first traced layer, renamed to its own weights, KV cache inputs and outputs, and slots.
@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 from torch import nn
 
-from edgelora.manifest import Slot
+from edgelora.format.manifest import Slot
 
 PAST, PRESENT = "past_key_values.", "present."
 SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of the module path each node came from

@@ -14,15 +14,15 @@ import onnx
 import torch
 from torch import nn
 
-from edgelora import codec
 from edgelora.errors import EdgeLoraError
-from edgelora.manifest import Slot, SlotGroup
-from edgelora.slot_groups import factor_names
+from edgelora.format.manifest import Slot, SlotGroup
+from edgelora.format.slot_groups import factor_names
 
 from .base_quant import quantize_base
 from .packing import group_slots
 from .phases import phase
 from .row_mask import add_row_mask
+from .slot_codec import encode_slots
 
 OPSET = 21  # int4 slots unpack with BitwiseAnd, which needs ≥ 18
 EXAMPLE_RANK = 2  # example sizes avoid 0 and 1, which torch.export would specialize into constants
@@ -195,7 +195,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
         lora_names = [n for n in lora_names if n not in grouped] + [n for g in groups for n in (g.a, g.b)]
     _rename_dynamic_dims(proto)
     with phase(f"{adapter_dtype} slots"):
-        codec.encode_slots(proto, lora_names, adapter_dtype, block)
+        encode_slots(proto, lora_names, adapter_dtype, block)
         if row_mask:
             fusions["row_mask"] = add_row_mask(proto, lora_names, {g.b for g in groups})
     if quantize != "none":

@@ -2,8 +2,8 @@
 
 IOBinding is what lets a decode step write its keys and values into the KV cache in place, but
 onnxruntime (1.32) applies a ``RunOptions``' active LoRA adapters only in ``InferenceSession.run``,
-never under IOBinding. So the adapter's parameters are bound as ordinary inputs: 0.5 ms for the 840 of
-an int8 adapter on the 135M model, paid once per binding. Bindings are pooled per resident adapter,
+never under IOBinding. So the adapter's parameters are bound as ordinary inputs, a cost paid once per
+binding (hundreds of bindings for a model's slots). Bindings are pooled per resident adapter,
 and a call that picks an adapter takes a free one from its pool: the switch stays a matter of
 microseconds, and an evicted adapter's pool goes with it.
 """

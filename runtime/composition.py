@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors, ModuleFactors
+from edgelora.format.factors import AdapterFactors, ModuleFactors
 
 Spec = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs, no zero weights
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgelora.errors import EdgeLoraError, UnknownAdapterError
-from edgelora.manifest import load_manifest
+from edgelora.format.manifest import load_manifest
 
 from .binding import BindingPool, Call
 from .chat import ChatSession

@@ -5,7 +5,7 @@ adapter it runs with, so an eviction during that call cannot pull the weights fr
 Single adapters and compositions live in the same LRU under the same byte budget: a composition
 is just another blob, built once from its parts' files.
 
-A blob's sha256 costs about 1.5 ms per MB here, more than its load, so it is kept off
+A blob's sha256 costs more than its load (docs/benchmarks.md), so it is kept off
 the request path: ``verify_in_background`` hashes the package's adapters from ``open`` on, and a
 request that arrives first waits for (or runs) that one check. A passed check is remembered with the
 file's identity (inode, size, mtime, ctime); a file that changes afterwards is checked again.
@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgelora.adapter_file import adapter_parameters, map_parameters, read_adapter
 from edgelora.errors import EdgeLoraError, UnknownAdapterError
-from edgelora.fileio import check_name, sha256_file
-from edgelora.manifest import AdapterEntry, Slot, SlotGroup
-from edgelora.sidecar import read_sidecar
+from edgelora.format.adapter_file import adapter_parameters, map_parameters, read_adapter
+from edgelora.format.compatibility import check_fits
+from edgelora.format.fileio import check_name, sha256_file
+from edgelora.format.manifest import AdapterEntry, Slot, SlotGroup
+from edgelora.format.sidecar import read_sidecar
 
 from .binding import BindingPool
 from .composition import Spec, compose, label, normalize
@@ -270,18 +271,7 @@ class AdapterRegistry:
 
     def _check_shapes(self, name: str, path: Path) -> int:
         factors, dtype = read_adapter(path, self.groups)
-        for module, f in factors.modules.items():
-            slot = self.slots.get(module)
-            if slot is None:
-                raise EdgeLoraError(f"{path}: adapter {name} targets {module}, which has no LoRA slot in this graph")
-            if dtype != slot.dtype:
-                raise EdgeLoraError(f"{path}: adapter {name} holds {dtype} factors "
-                                    f"but the graph's slots take {slot.dtype}")
-            if (f.in_features, f.out_features) != (slot.in_features, slot.out_features):
-                raise EdgeLoraError(
-                    f"{path}: adapter {name} has {module} factors {f.a.shape} x {f.b.shape}, but the slot takes "
-                    f"[{slot.in_features}, r] x [r, {slot.out_features}]; is it for another base model?"
-                )
+        check_fits(factors, self.slots, f"{path}: adapter {name}", dtype)
         return factors.rank
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelora import codec
-from edgelora.manifest import Slot, SlotGroup
-from edgelora.slot_groups import tiles
+from edgelora.format import codec
+from edgelora.format.manifest import Slot, SlotGroup
+from edgelora.format.slot_groups import tiles
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Tiny models from configs, PEFT adapters on them, and packages exported once per test session."""
+"""Tiny models from configs, PEFT adapters on them, packages exported once per test session, and the helpers
+several test modules share (tests import them from here, never from each other)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
+
+IDS = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], dtype=np.int64)
+TOL = 1e-4
+
+
+def plain_session(package):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(package / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def plain_feeds(session, ids, past_len=0, past=None):
+    """Feeds built from the graph alone: what a user without edgelora would write."""
+    batch, seq = ids.shape
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, past_len + seq), np.int64),
+        "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
+    }
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            shape = [batch, inp.shape[1], 0, inp.shape[3]]
+            feeds[inp.name] = past[inp.name] if past else np.zeros(shape, np.float32)
+    return feeds
+
+
+def run_cli(*args):
+    """(exit code, stdout, stderr) of one CLI call."""
+    from edgelora.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Module names per family: a pair of projections, every linear layer, a regex string over layer 1 and
@@ -101,7 +137,7 @@ def make_adapter(base, out_dir: Path, name: str, seed: int, family: str = "llama
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     spec = dict(ADAPTERS["plain" if name == "legacy" else name])
     peft_model = random_peft_adapter(base, out_dir, seed=seed, r=spec.pop("r"), alpha=spec.pop("alpha"),
@@ -135,15 +171,15 @@ def save_legacy(folder: Path) -> None:
 
 
 def build(tmp: Path, family: str, adapter_names: list[str], mode: str = "separate", size: str = "tiny") -> Built:
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.exporters.export import ExportOptions, export_package
 
     base = build_causal_lm(tmp / "base", family=family, size=size, seed=0)
     dirs = {}
     for i, name in enumerate(adapter_names):
         dirs[name] = tmp / "adapters" / name
         make_adapter(base, dirs[name], name, seed=100 + i, family=family)
-    export_package(tmp / "base", dirs, tmp / "pkg", progress=False, mode=mode)
+    export_package(tmp / "base", dirs, tmp / "pkg", ExportOptions(progress=False, mode=mode))
     return Built(family, tmp / "base", base, dirs, tmp / "pkg")
 
 

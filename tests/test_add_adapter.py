@@ -6,17 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from edgelora.cli import main
-from conftest import make_adapter
-from test_parity import IDS, TOL
-
-
-def run_cli(*args):
-    """(exit code, stdout, stderr) of one CLI call."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+from conftest import IDS, TOL, make_adapter, run_cli
 
 
 def test_added_adapter_matches_peft(llama, fresh_package, tmp_path):
@@ -38,7 +28,7 @@ def test_added_adapter_matches_peft(llama, fresh_package, tmp_path):
 
 def test_adapter_without_a_slot_is_refused(llama, fresh_package, tmp_path):
     """Every projection of the test package has a slot; the LM head has none."""
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     random_peft_adapter(llama.base, tmp_path / "b", seed=2, targets=("lm_head",))
     code, _, out = run_cli("add-adapter", fresh_package, f"b={tmp_path / 'b'}")
@@ -48,7 +38,7 @@ def test_adapter_without_a_slot_is_refused(llama, fresh_package, tmp_path):
 
 
 def test_adapter_for_another_base_is_refused(fresh_package, tmp_path):
-    from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+    from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
 
     other = build_causal_lm(tmp_path / "other", family="llama", size="small", seed=3, with_tokenizer=False)
     random_peft_adapter(other, tmp_path / "o", seed=4)
@@ -71,8 +61,8 @@ def test_simultaneous_add_adapter_runs_keep_every_adapter(llama, fresh_package, 
     """Each run swaps in a whole new copy of the package; without a lock the last swap would drop the others."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgelora.exporters.package_writer import add_adapter
-    from edgelora.manifest import load_manifest
+    from edgelora.exporters.add_adapter import add_adapter
+    from edgelora.format.manifest import load_manifest
 
     names = [f"t{i}" for i in range(4)]
     for i, name in enumerate(names):
@@ -85,7 +75,7 @@ def test_simultaneous_add_adapter_runs_keep_every_adapter(llama, fresh_package, 
 
 def test_added_adapter_gets_a_quality_report_that_check_reads(llama, fresh_package, tmp_path):
     """The base folder recorded at export is still there (and unchanged), so add-adapter measures against it."""
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
 
     make_adapter(llama.base, tmp_path / "extra", "plain", seed=8)
     code, _, err = run_cli("add-adapter", fresh_package, f"extra={tmp_path / 'extra'}")
@@ -110,8 +100,8 @@ def test_without_its_base_add_adapter_records_the_delta_error_and_check_says_why
                                                                                  base):
     import shutil
 
-    from edgelora.exporters.tiny_models import build_causal_lm
-    from edgelora.manifest import load_manifest
+    from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.format.manifest import load_manifest
 
     if base == "broken":
         shutil.copytree(llama.base_dir, tmp_path / base)

@@ -138,8 +138,8 @@ def symlink_out(ctx: Ctx):
 def blob(factors_of, dtype: str = "fp32", sidecar=None):
     """A path adapter ``{tmp}/x.onnx_adapter`` with the given factors, and optionally a sidecar."""
     def apply(ctx: Ctx):
-        from edgelora.adapter_file import write_adapter
-        from edgelora.factors import AdapterFactors, ModuleFactors
+        from edgelora.format.adapter_file import write_adapter
+        from edgelora.format.factors import AdapterFactors, ModuleFactors
 
         modules = {module: ModuleFactors(a.astype(np.float32), b.astype(np.float32))
                    for module, (a, b) in factors_of().items()}
@@ -281,7 +281,7 @@ CASES = [
     ("path-blob-int64", int64_blob, load_path_adapter(), f"parameter {O}.lora_A has tensor type 7, not one of "
      "edgelora's", XBLOB),
     ("path-blob-other-base", blob(q_factors(64, 64)), load_path_adapter(), "is it for another base model?", XBLOB),
-    ("path-blob-no-slot", blob(q_factors(module="lm_head")), load_path_adapter(), "which has no LoRA slot", XBLOB),
+    ("path-blob-no-slot", blob(q_factors(module="lm_head")), load_path_adapter(), "lm_head has no LoRA slot", XBLOB),
     ("path-blob-ungrouped", blob(q_factors(module=Q)), load_path_adapter(),
      "holds model.layers.0.self_attn.q_proj alone, but the graph computes it in slot group", XBLOB),
     ("path-blob-fp16", blob(q_factors(), "fp16"), load_path_adapter(), "holds fp16 factors but the graph's slots "

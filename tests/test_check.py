@@ -8,9 +8,9 @@ import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
-from test_add_adapter import run_cli
+from conftest import run_cli
 
-from edgelora.factors import AdapterFactors, ModuleFactors
+from edgelora.format.factors import AdapterFactors, ModuleFactors
 
 # few, short runs: these tests judge the check's logic, not the machine
 FAST = "runs = 2\nwarmup = 1\nprompt_tokens = 8\ndecode_tokens = 4\n"
@@ -161,13 +161,13 @@ def test_bad_budget_files_are_one_line_naming_the_key(llama, tmp_path):
 
 
 def test_the_check_loads_no_torch():
-    code = "import sys, edgelora.check, edgelora.report; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, edgelora.checks.run, edgelora.checks.report; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_peak_rss_is_the_process_own_not_its_parents():
     """A check started by a large parent (a test runner holding torch) must not report the parent's peak."""
-    child = "from edgelora.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    child = "from edgelora.checks.measure import peak_rss_bytes; print(peak_rss_bytes())"
     parent = ("import subprocess, sys, numpy as np; held = np.ones(2**30, np.uint8); "
               f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, "
               "check=True).stdout)")
@@ -177,7 +177,7 @@ def test_peak_rss_is_the_process_own_not_its_parents():
 
 def test_adapter_parameters_read_back_equal(tmp_path):
     """read_parameters once returned views into freed onnxruntime memory: garbage values, right shapes."""
-    from edgelora.adapter_file import read_adapter, write_adapter
+    from edgelora.format.adapter_file import read_adapter, write_adapter
 
     rng = np.random.default_rng(0)
     factors = AdapterFactors({"m.q": ModuleFactors(rng.standard_normal((16, 4), np.float32),
@@ -194,10 +194,10 @@ def test_a_slot_group_blob_reads_back_per_module(tmp_path):
     stays absent."""
     import pytest
 
-    from edgelora.adapter_file import read_adapter, read_parameters, write_adapter
     from edgelora.errors import EdgeLoraError
-    from edgelora.manifest import SlotGroup
-    from edgelora.slot_groups import factor_names, group_name
+    from edgelora.format.adapter_file import read_adapter, read_parameters, write_adapter
+    from edgelora.format.manifest import SlotGroup
+    from edgelora.format.slot_groups import factor_names, group_name
 
     name = group_name(["m.q", "m.k", "m.v"])
     assert name == "m.q+k+v"

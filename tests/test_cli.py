@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_add_adapter import run_cli
+from conftest import run_cli
 
 
 def test_export_inspect_generate(llama, tmp_path):

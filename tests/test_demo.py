@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def test_demo_quick_path_trains_exports_and_serves(tmp_path, capsys):
-    from edgelora.exporters.demo import QUICK, run_demo
-    from edgelora.exporters.demo_tasks import TENANTS
+    from edgelora.demo.run import QUICK, run_demo
+    from edgelora.demo.tasks import TENANTS
 
     summary = run_demo(tmp_path / "demo", cache_dir=tmp_path / "cache", quick=True)
     rows = summary["rows"]
@@ -24,8 +24,8 @@ def test_demo_quick_path_trains_exports_and_serves(tmp_path, capsys):
 
 
 def test_trained_adapters_are_reused_until_their_data_changes(tmp_path):
-    from edgelora.exporters.demo import BASE, QUICK, tenant_adapter
-    from edgelora.exporters.demo_tasks import tenant_split, write_jsonl
+    from edgelora.demo.run import BASE, QUICK, tenant_adapter
+    from edgelora.demo.tasks import tenant_split, write_jsonl
 
     train, _ = tenant_split("caesar", QUICK.n_train, 0)
     write_jsonl(tmp_path / "train.jsonl", train)

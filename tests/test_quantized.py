@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from conftest import Built
-from test_add_adapter import run_cli
-from test_parity import plain_feeds, plain_session
+from conftest import Built, plain_feeds, plain_session, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +19,7 @@ def probe(tmp_path_factory) -> Built:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
 
     tmp = tmp_path_factory.mktemp("probe")
     base = build_causal_lm(tmp / "base", size="tiny", initializer_range=0.1)
@@ -42,11 +39,11 @@ IDS = np.random.default_rng(0).integers(4, 100, (4, 32))
 
 
 def export(probe: Built, name: str, **kwargs):
-    from edgelora.exporters.package_writer import export_package
+    from edgelora.exporters.export import ExportOptions, export_package
 
     out = probe.package / name
     if not out.exists():
-        export_package(probe.base_dir, probe.adapter_dirs, out, progress=False, **kwargs)
+        export_package(probe.base_dir, probe.adapter_dirs, out, ExportOptions(progress=False, **kwargs))
     return out
 
 
@@ -56,7 +53,7 @@ def export(probe: Built, name: str, **kwargs):
 @pytest.mark.parametrize("dtype, max_rel_error, min_top1", [("fp16", 1e-3, 0.99), ("int8", 5e-3, 0.99),
                                                             ("int4", 5e-2, 0.95)])
 def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = export(probe, dtype, adapter_dtype=dtype)
@@ -77,9 +74,9 @@ def test_quantized_adapters_against_peft(probe, dtype, max_rel_error, min_top1):
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(base, adapter, test data): the demo's pretrained base and a rank-16 adapter on all projections,
     trained until it solves its task, so it has the margins a user's adapter has where it is used."""
-    from edgelora.exporters.demo import BASE
-    from edgelora.exporters.demo_tasks import tenant_split, write_jsonl
-    from edgelora.exporters.train import train_adapter
+    from edgelora.demo.run import BASE
+    from edgelora.demo.tasks import tenant_split, write_jsonl
+    from edgelora.training.trainer import train_adapter
 
     tmp = tmp_path_factory.mktemp("trained")
     train, test = tenant_split("date", 400, 32)
@@ -97,13 +94,13 @@ def test_quantized_adapter_agrees_on_the_completions_it_was_trained_for(trained,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.train import read_examples
+    from edgelora.exporters.examples import read_examples
+    from edgelora.exporters.export import ExportOptions, export_package
     from edgelora.runtime import EdgeModel
 
     base_dir, adapter_dir, test_file = trained
-    manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg", progress=False,
-                              adapter_dtype=dtype, probe_data={"date": test_file})
+    manifest = export_package(base_dir, {"date": adapter_dir}, tmp_path / "pkg",
+                              ExportOptions(progress=False, adapter_dtype=dtype, probe_data={"date": test_file}))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -168,7 +165,7 @@ def test_int8_slots_multiply_the_stored_factors_without_widening_them(probe):
 def test_merged_mode_matches_peft_merge_and_unload(probe):
     import torch
 
-    from edgelora.manifest import load_manifest
+    from edgelora.format.manifest import load_manifest
     from edgelora.runtime import EdgeModel
 
     package = export(probe, "merged", mode="merged")
@@ -213,8 +210,8 @@ def test_quantized_base_keeps_slots_float_and_answers_close(probe, quantize):
 def test_add_adapter_encodes_in_the_package_codec(probe, tmp_path):
     import shutil
 
-    from edgelora.adapter_file import read_adapter
-    from edgelora.manifest import load_manifest
+    from edgelora.format.adapter_file import read_adapter
+    from edgelora.format.manifest import load_manifest
 
     package = tmp_path / "pkg"
     shutil.copytree(export(probe, "int8", adapter_dtype="int8"), package)
@@ -233,8 +230,8 @@ def test_adapter_sizes_against_peft_safetensors(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgelora.adapter_file import write_adapter
     from edgelora.exporters.peft_ingest import ingest_peft
+    from edgelora.format.adapter_file import write_adapter
 
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
                          num_attention_heads=9, num_key_value_heads=3)
@@ -286,12 +283,13 @@ def embedding_adapter_package(tmp_path, dtype: str):
     """(PEFT model, base model, package) for a LoRA on the embedding (vocabulary 100) and a pair of projections."""
     from conftest import make_adapter
 
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
+    from edgelora.exporters.export import ExportOptions, export_package
 
     base = build_causal_lm(tmp_path / "base", size="tiny", seed=0)
     peft_model = make_adapter(base, tmp_path / "a", "embedding", seed=7)
-    export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg", progress=False, adapter_dtype=dtype)
+    export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg",
+                   ExportOptions(progress=False, adapter_dtype=dtype))
     return peft_model, base, tmp_path / "pkg"
 
 

@@ -9,9 +9,7 @@ import io
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from conftest import ALL_LINEAR, Built
-from test_parity import IDS, TOL, plain_feeds, plain_session
+from conftest import ALL_LINEAR, IDS, TOL, Built, plain_feeds, plain_session
 
 # family, layers, config changes, LoRA settings, what the export's progress line must say
 CASES = {
@@ -32,7 +30,7 @@ def deep_base(folder, family: str, layers: int, changes: dict):
     ones and zeros, a copy reading another layer's norm would go unnoticed)."""
     import torch
 
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
 
     base = build_causal_lm(folder, family=family, layers=layers)
     if changes:
@@ -51,8 +49,8 @@ def deep_base(folder, family: str, layers: int, changes: dict):
 
 @pytest.fixture(scope="module", params=list(CASES))
 def deep(request, tmp_path_factory):
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import random_peft_adapter
+    from edgelora.demo.tiny_models import random_peft_adapter
+    from edgelora.exporters.export import export_package
 
     family, layers, changes, lora, expected = CASES[request.param]
     tmp = tmp_path_factory.mktemp(request.param)

@@ -76,7 +76,7 @@ def test_unknown_adapter_names_what_exists(llama):
 
 
 def test_tampered_adapter_fails_its_checksum(fresh_package):
-    from edgelora.adapter_file import read_parameters
+    from edgelora.format.adapter_file import read_parameters
 
     path = fresh_package / "adapters/plain.onnx_adapter"
     data = bytearray(path.read_bytes())
@@ -119,8 +119,8 @@ def test_newer_manifest_format_is_refused(fresh_package):
 
 
 def test_adapter_loaded_from_a_path_is_shape_checked(llama, tmp_path):
-    from edgelora.adapter_file import write_adapter
-    from edgelora.factors import AdapterFactors, ModuleFactors
+    from edgelora.format.adapter_file import write_adapter
+    from edgelora.format.factors import AdapterFactors, ModuleFactors
 
     model = EdgeModel.open(llama.package)
     name = model.load_adapter(llama.package / "adapters/rs.onnx_adapter", name="copy")
@@ -128,7 +128,7 @@ def test_adapter_loaded_from_a_path_is_shape_checked(llama, tmp_path):
     bad = AdapterFactors({"model.layers.0.self_attn.o_proj": ModuleFactors(np.ones((16, 2), np.float32),
                                                                             np.ones((2, 32), np.float32))}, 2, 2.0)
     write_adapter(tmp_path / "bad.onnx_adapter", bad)
-    with pytest.raises(EdgeLoraError, match=r"factors \(16, 2\) x \(2, 32\), but the slot takes \[32, r\] x \[r, 32\]"):
+    with pytest.raises(EdgeLoraError, match=r"o_proj maps 16->32 but the package's slot maps 32->32"):
         model.load_adapter(tmp_path / "bad.onnx_adapter")
 
 

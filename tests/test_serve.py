@@ -24,12 +24,12 @@ import openai
 import pytest
 import uvicorn
 
-from edgelora.adapter_file import write_adapter
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.manifest import load_manifest
+from edgelora.format.adapter_file import write_adapter
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.manifest import load_manifest
 from edgelora.runtime import EdgeModel
 from edgelora.server import Settings, create_app
-from edgelora.sidecar import write_sidecar
+from edgelora.format.sidecar import write_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = (
@@ -120,8 +120,9 @@ def package(llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(package) -> EdgeModel:
-    """A second model over the same package: the reference every answer is compared with."""
-    return EdgeModel.open(package)
+    """A second model over the same package, each call on its own (no batching): the reference every answer of
+    the server, whose requests share batched decode steps, is compared with."""
+    return EdgeModel.open(package, batching=False)
 
 
 @pytest.fixture(scope="module")
@@ -252,13 +253,13 @@ def test_an_unexpected_failure_is_a_one_line_500_and_the_server_goes_on(llama, t
 
 
 def test_embeddings_float_and_base64(tmp_path_factory):
-    from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_encoder, random_peft_adapter
+    from edgelora.demo.tiny_models import build_encoder, random_peft_adapter
+    from edgelora.exporters.export import ExportOptions, export_package
 
     folder = tmp_path_factory.mktemp("encoder")
     base = build_encoder(folder / "base", task="feature-extraction")
     random_peft_adapter(base, folder / "lora", seed=3, targets=("query", "value"))
-    export_package(folder / "base", {"tenant": folder / "lora"}, folder / "pkg", progress=False)
+    export_package(folder / "base", {"tenant": folder / "lora"}, folder / "pkg", ExportOptions(progress=False))
     reference = EdgeModel.open(folder / "pkg")
     live = start(folder / "pkg")
     try:
@@ -460,7 +461,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, caplog):
             time.sleep(0.02)
     time.sleep(0.5)
     assert metric(server, "edgelora_decode_steps_total") - steps < 400  # of the 480 it would have run
-    lines = [r.getMessage() for r in caplog.records if "POST /v1/completions" in r.getMessage()]
+    lines = access_lines(caplog, "POST /v1/completions")
     assert len(lines) == 1 and "finish=cancelled" in lines[0], lines
 
 
@@ -512,11 +513,23 @@ def test_sixteen_concurrent_clients_each_get_their_own_adapters_answer(server, m
         assert answer == model.generate(prompt, adapter=adapter, max_new_tokens=24).text
 
 
+def access_lines(caplog, request: str, within_s: float = 5) -> list[str]:
+    """The access log's lines of ``request``, once there is one: a line is written when the response's last byte
+    has gone, which may be after the client has read it."""
+    deadline = time.monotonic() + within_s
+    while True:
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "edgelora.server.access" and request in r.getMessage()]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
 def test_metrics_and_one_access_line_per_request_without_prompt_or_key(server, caplog):
     secret = "my secret prompt text"
     with caplog.at_level(logging.INFO, logger="edgelora.server.access"):
         server.client(KEYS["alice"]).completions.create(model="plain", prompt=secret, max_tokens=3, temperature=0)
-    lines = [r.getMessage() for r in caplog.records if r.name == "edgelora.server.access"]
+        lines = access_lines(caplog, "POST /v1/completions")
     assert len(lines) == 1 and "POST /v1/completions 200" in lines[0] and "model=plain" in lines[0]
     assert "tenant=alice" in lines[0] and secret not in lines[0] and KEYS["alice"] not in lines[0]
     text = admin("GET", server, "/metrics").text

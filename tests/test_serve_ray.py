@@ -186,7 +186,7 @@ def test_an_adapter_uploaded_again_under_its_name_is_served_new_everywhere(clust
 
 def test_embeddings_go_to_a_replica(cluster, tmp_path_factory):
     from edgelora.exporters.package_writer import export_package
-    from edgelora.exporters.tiny_models import build_encoder, random_peft_adapter
+    from edgelora.demo.tiny_models import build_encoder, random_peft_adapter
 
     folder = tmp_path_factory.mktemp("encoder")
     base = build_encoder(folder / "base", task="feature-extraction")

@@ -97,7 +97,7 @@ def make_package(llama, folder: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from edgelora.exporters.package_writer import add_adapter
+    from edgelora.exporters.add_adapter import add_adapter
 
     package = folder / "pkg"
     shutil.copytree(llama.package, package)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import FAMILY_ADAPTERS, MERGED_ADAPTERS, make_adapter
 
 # variant, the parity fixtures' adapters that use it, and in separate mode the refused feature's label
@@ -57,7 +56,7 @@ def test_every_yes_cell_has_its_adapter_in_a_parity_fixture():
 @pytest.fixture(scope="module")
 def qwen2_base(tmp_path_factory):
     """Qwen2 has biases on q/k/v, so bias variants save real tensors."""
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
 
     return build_causal_lm(tmp_path_factory.mktemp("qwen2-base") / "base", family="qwen2", with_tokenizer=False)
 
@@ -78,10 +77,10 @@ def test_separate_mode_refuses_merge_only_variants_naming_merged_mode(qwen2_base
 
 def test_merged_mode_refuses_embedding_lora_on_tied_embeddings(tmp_path):
     """GPT-2 ties wte to lm_head: merging would change the output layer, which PEFT's forward does not."""
+    from edgelora.demo.tiny_models import build_causal_lm
     from edgelora.errors import EdgeLoraError
     from edgelora.exporters.merge import merged_copy
     from edgelora.exporters.peft_ingest import ingest_peft
-    from edgelora.exporters.tiny_models import build_causal_lm
 
     base = build_causal_lm(tmp_path / "base", family="gpt2", with_tokenizer=False)
     make_adapter(base, tmp_path / "a", "embedding", seed=3, family="gpt2")

@@ -10,10 +10,10 @@ import threading
 import numpy as np
 import pytest
 
-from edgelora.adapter_file import read_adapter, read_ort_parameters, write_adapter
 from edgelora.errors import EdgeLoraError
-from edgelora.factors import AdapterFactors, ModuleFactors
-from edgelora.manifest import load_manifest
+from edgelora.format.adapter_file import read_adapter, read_ort_parameters, write_adapter
+from edgelora.format.factors import AdapterFactors, ModuleFactors
+from edgelora.format.manifest import load_manifest
 from edgelora.runtime import EdgeModel
 
 IDS = [[1, 8, 5, 12, 12, 15, 3, 40]]
@@ -135,7 +135,7 @@ def test_wrong_shapes_are_refused_in_one_line(llama, tmp_path):
     write_adapter(tmp_path / "other.onnx_adapter", bad)
     with pytest.raises(EdgeLoraError) as e:
         EdgeModel.open(llama.package).load_adapter(tmp_path / "other.onnx_adapter")
-    assert "adapter other has" in one_line(e) and "(48, 2) x (2, 32), but the slot takes [32, r]" in str(e.value)
+    assert "adapter other: module" in one_line(e) and "o_proj maps 48->32 but the package's slot maps 32->32" in str(e.value)
 
 
 def test_package_adapters_carry_a_sidecar_naming_the_base(llama):
@@ -317,7 +317,7 @@ def test_a_composition_is_built_once_however_many_threads_ask(llama):
 # CLI
 
 def test_cli_generate_takes_weights_and_compositions(llama):
-    from test_add_adapter import run_cli
+    from conftest import run_cli
 
     model = EdgeModel.open(llama.package)
     want = model.generate("Hello", adapter={"plain": 0.7, "rs": 0.3}, max_new_tokens=6).text

@@ -13,7 +13,7 @@ from edgelora.errors import EdgeLoraError
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    from edgelora.exporters.tiny_models import build_causal_lm
+    from edgelora.demo.tiny_models import build_causal_lm
 
     out = tmp_path_factory.mktemp("train") / "base"
     build_causal_lm(out, size="tiny", seed=0, initializer_range=0.2)
@@ -22,7 +22,7 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    from edgelora.exporters.demo_tasks import tenant_split, write_jsonl
+    from edgelora.demo.tasks import tenant_split, write_jsonl
 
     train, test = tenant_split("reverse", 48, 12)
     folder = tmp_path_factory.mktemp("data")
@@ -42,7 +42,7 @@ def test_same_seed_same_adapter_and_peft_loads_it(base_dir, data, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edgelora.exporters.train import train_adapter
+    from edgelora.training.trainer import train_adapter
 
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -64,7 +64,8 @@ def test_same_seed_same_adapter_and_peft_loads_it(base_dir, data, tmp_path):
 
 
 def test_labels_cover_the_completion_and_eos_only(base_dir):
-    from edgelora.exporters.train import IGNORE, Example, collate, encode, load_tokenizer
+    from edgelora.exporters.examples import IGNORE, Example, encode, load_tokenizer
+    from edgelora.training.trainer import collate
 
     tok = load_tokenizer(base_dir)
     ids, labels = encode(tok, Example("abc=", "cba"))
@@ -80,8 +81,9 @@ def test_exact_match_is_batched_greedy_decoding(base_dir):
     """Left-padded batched generation must give what one-at-a-time argmax decoding gives."""
     import torch
 
-    from edgelora.exporters.package_writer import load_base
-    from edgelora.exporters.train import Example, evaluate, load_tokenizer
+    from edgelora.exporters.base_model import load_base
+    from edgelora.exporters.examples import Example, load_tokenizer
+    from edgelora.training.trainer import evaluate
 
     model, tok = load_base(base_dir), load_tokenizer(base_dir)
     prompts = ["ab=", "hello=", "x=", "qwerty=", "zz="]
@@ -115,7 +117,7 @@ def test_exact_match_is_batched_greedy_decoding(base_dir):
     ("\n\n", "train.jsonl: no examples"),
 ])
 def test_bad_data_is_one_line_naming_file_and_line(tmp_path, content, problem):
-    from edgelora.exporters.train import read_examples
+    from edgelora.exporters.examples import read_examples
 
     path = tmp_path / "train.jsonl"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from edgelora.cli import parse_generate_adapters
 from edgelora.errors import EdgeLoraError
-from edgelora.fileio import check_name
-from edgelora.sidecar import sidecar_path
+from edgelora.format.fileio import check_name
+from edgelora.format.sidecar import sidecar_path
 
 from .api_errors import ApiError, model_not_found
 from .keys import Tenant

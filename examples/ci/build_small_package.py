@@ -8,7 +8,7 @@ then: edgelora export OUT_DIR/base --adapter legal=OUT_DIR/adapters/legal ... --
 import sys
 from pathlib import Path
 
-from edgelora.exporters.tiny_models import build_causal_lm, random_peft_adapter
+from edgelora.demo.tiny_models import build_causal_lm, random_peft_adapter
 
 
 def main(out: Path) -> None:

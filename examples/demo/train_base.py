@@ -1,7 +1,7 @@
 """Pretrain the demo's base model and write it to examples/demo/base/ (what the repo ships).
 
 The base learns the prompt/completion template, copying, and a few tagged primitives on digits and
-capitals (see ``edgelora.exporters.demo_tasks``), so a tenant's LoRA adapter only has to learn its own
+capitals (see ``edgelora.demo.tasks``), so a tenant's LoRA adapter only has to learn its own
 mapping. It is trained once and shipped: CPU training is deterministic for a seed but not bit for bit
 across machines, and the demo must not spend its time budget here.
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from edgelora.exporters.demo_tasks import TENANTS, generic_examples, tenant_split
-from edgelora.exporters.tiny_models import build_causal_lm
-from edgelora.exporters.train import Example, evaluate, fit, load_tokenizer
+from edgelora.demo.tasks import TENANTS, generic_examples, tenant_split
+from edgelora.demo.tiny_models import build_causal_lm
+from edgelora.exporters.examples import Example, load_tokenizer
+from edgelora.training.trainer import evaluate, fit
 
 OUT = Path(__file__).resolve().parent / "base"
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgelora.exporters.train import read_examples
+from edgelora.exporters.examples import read_examples
 from edgelora.runtime import EdgeModel
 
 HERE = Path(__file__).resolve().parent

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import __version__
+from edgelora import __version__
+from edgelora.errors import EdgeLoraError
+from edgelora.format.fileio import read_json_object, write_text_atomic
+
 from .budget import LATENCY_METRICS, LatencySettings
-from .errors import EdgeLoraError
-from .fileio import read_json_object, write_text_atomic
 
 FORMAT = "edgelora-baseline/1"
 

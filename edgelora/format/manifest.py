@@ -9,8 +9,9 @@ from pathlib import Path
 from types import UnionType
 from typing import Union, get_args, get_origin, get_type_hints
 
-from . import __version__
-from .errors import EdgeLoraError
+from edgelora import __version__
+from edgelora.errors import EdgeLoraError
+
 from .fileio import check_name, read_json_object, write_text_atomic
 
 FILENAME = "edgelora.json"
@@ -33,7 +34,7 @@ class Slot:
 @dataclass
 class SlotGroup:
     """Slots of modules that read one input and whose outputs the graph packs side by side (q|k|v, gate|up),
-    computed as one pair of products (``edgelora.slot_groups``): ``a`` holds the modules' factors side by
+    computed as one pair of products (``edgelora.format.slot_groups``): ``a`` holds the modules' factors side by
     side along the rank axis, one block of equal rank each, and ``b`` their output columns in equal tiles."""
 
     a: str  # the float [in, modules * r] factor in the graph
@@ -81,7 +82,7 @@ class Manifest:
     generation: dict = field(default_factory=dict)  # eos_token_ids, bos_token_id, pad_token_id
     tokenizer: str | None = None
     mode: str = "separate"  # or "merged": adapters[NAME].file is then merged/NAME/model.onnx
-    adapter_dtype: str = "fp32"  # the codec every slot takes (edgelora.codec)
+    adapter_dtype: str = "fp32"  # the codec every slot takes (edgelora.format.codec)
     adapter_block_size: int = 32  # int4 block along the reduction axis
     base_quantization: str = "none"
     base_bytes: int = 0

@@ -5,9 +5,9 @@ Using ORT's format (not our own) means a package also runs in plain onnxruntime 
 
 onnxruntime writes the blobs. edgelora reads them by mapping the file and viewing its parameters in
 place: onnxruntime's reader (``AdapterFormat.read_adapter``) copies a blob into fresh memory, and the
-page faults of that copy made a 20 MB blob's first load take 10 ms here (a mapped one takes a fraction
-of a millisecond, the pages coming in at first use); ``onnxruntime.LoraAdapter`` maps it too but hands
-out no values, and the runtime binds them itself. A mapped blob would change under a resident adapter if
+page faults of that copy cost more than a whole mapped load, whose pages come in at first use
+(docs/benchmarks.md); ``onnxruntime.LoraAdapter`` maps it too but hands out no values, and the runtime
+binds them itself. A mapped blob would change under a resident adapter if
 its file were rewritten in place; edgelora writes every blob to a new file renamed over the old one,
 which leaves a mapped blob as it was.
 """
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgelora.errors import EdgeLoraError
+
 from . import codec
-from .errors import EdgeLoraError
 from .factors import AdapterFactors, ModuleFactors
 from .fileio import atomic_path
 from .manifest import SlotGroup
@@ -119,7 +120,7 @@ def _parameters(fb: _Tables) -> dict[str, np.ndarray]:
 
 class _Tables:
     """Field access into flatbuffer tables, by hand: the ``flatbuffers`` package's Python runtime costs
-    15 µs per parameter, which made a 360-parameter int8 blob slower to map than onnxruntime's copy."""
+    more per parameter than onnxruntime's whole copy of a blob, which would undo the point of mapping it."""
 
     def __init__(self, buf: mmap.mmap):
         self.buf = buf

@@ -6,7 +6,7 @@ untagged input and to apply a few primitives (upper-casing letters, reversing, s
 letters or dates, so the base answers them with a copy, which is never right: each tenant generator
 drops inputs whose answer equals the input. A tenant's LoRA adapter has to learn its own mapping.
 
-``python -m edgelora.exporters.demo_tasks OUT_DIR`` writes ``TASK.train.jsonl`` and ``TASK.test.jsonl``.
+``python -m edgelora.demo.tasks OUT_DIR`` writes ``TASK.train.jsonl`` and ``TASK.test.jsonl``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def generic_examples(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from edgelora.fileio import write_text_atomic
+    from edgelora.format.fileio import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 

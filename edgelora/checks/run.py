@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgelora.format.manifest import load_manifest
+from edgelora.runtime import EdgeModel
+
 from .baseline import load_baseline, save_baseline
 from .budget import Result, evaluate, load_budgets
-from .manifest import load_manifest
 from .measure import greedy_agreement, latency, package_sizes, peak_rss_bytes
 
 
@@ -40,8 +42,6 @@ def run_check(package: Path, budget_file: Path, baseline_file: Path | None = Non
     agreement: dict[str, tuple[float, str, str]] = {}  # per adapter: value, its dtype, what it was measured on
     wants_latency = budgets.needs_latency or save_baseline_file is not None
     if wants_latency or budgets.min_greedy_agreement is not None:
-        from .runtime import EdgeModel
-
         model = EdgeModel.open(package)
         if wants_latency:
             timings = latency(model, adapter, budgets.latency_settings)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.errors import EdgeLoraError
+from edgelora.format.manifest import Manifest
+from edgelora.runtime.composition import label, normalize
+
 from .budget import LatencySettings
-from .errors import EdgeLoraError
-from .manifest import Manifest
 
 HOT_SWAP_ROUNDS = 2000
 
@@ -72,8 +74,6 @@ def compare(model, targets: list, settings: LatencySettings) -> dict:
     Interleaving puts every target under the same machine load, so the ratios between them hold
     even when absolute times drift between minutes, as they do on shared machines.
     """
-    from .runtime.composition import label, normalize
-
     prompt = _random_ids(model, settings.prompt_tokens, seed=0)
     labels = [label(normalize(target)) or "(base)" for target in targets]  # the names stats() lists them under
     runs: dict = {name: [] for name in labels}
@@ -108,8 +108,8 @@ def cold_load_ms(model, adapter: str, runs: int) -> float:
 
 def hot_swap_us(model, names: list[str], rounds: int = HOT_SWAP_ROUNDS) -> float:
     """Median µs to point a call at another resident adapter (what a per-request switch costs: a ready binding
-    of that adapter's parameters from its pool). Handing the binding back after the call (about 20 µs on the
-    135M model, clearing the call's tensors from it) is every call's cost, switching or not."""
+    of that adapter's parameters from its pool). Handing the binding back after the call (clearing the call's
+    tensors from it) is every call's cost, switching or not, so it is not counted here."""
     for n in names:
         model.load_adapter(n)
     samples = []

@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError
+
 from .fileio import read_json_object, write_text_atomic
 
 

@@ -6,9 +6,10 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from edgelora.format.fileio import write_text_atomic
+from edgelora.units import format_value
+
 from .budget import Result
-from .fileio import write_text_atomic
-from .units import format_value
 
 
 def _limit(r: Result) -> str:

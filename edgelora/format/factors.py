@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,19 @@
 """Between per-module factors (what PEFT, the manifest and the checks speak) and the graph's factors, where the
 slots of a group (``manifest.SlotGroup``: q, k and v, or gate and up) share one pair.
 
-A decode step on a CPU pays per node more than per multiply (PERF-NOTES): five slots reading one input
-cost five products, five scalings and the joins of their outputs; as one group they cost one of each.
-On the 135M model (int4 base, int8 rank-16 adapter on all seven projections, the runtime's default
-threads, interleaved runs) grouping took decode from 8.7-8.8 to 6.5-6.8 ms/token, and with no adapter
-from 6.0-7.5 to 5.1-5.3: the slots' nodes run even at rank 0 (1335 nodes against 1785).
+A decode step on a CPU pays per node more than per multiply: five slots reading one input cost five
+products, five scalings and the joins of their outputs; as one group they cost one of each
+(docs/architecture.md, measured in docs/benchmarks.md).
 
 Every module of a group takes the same rank R, the largest the adapter gives any of them: a smaller one is
 padded with zero columns of ``a`` and zero rows of ``b``, and a module the adapter does not target is all
 zeros, which changes no product. ``a`` [in, modules * R] holds the modules' factors side by side along the
 rank axis. ``b`` [tiles, R, tile] holds their output columns cut into equal tiles (the largest width that
-divides every module's columns, 192 for Llama-135M's q|k|v), each tile from the module it belongs to, so
-the graph multiplies each tile by its module's rank block in one batched product and the tiles side by
-side are the packed output. ``b`` holds no more values than the modules' own factors, and int8 balances
-each module's factors before the layout (``codec.balance_int8``), so a rank component's scale is its module's
-own. Reading back drops the padding again.
-
-A block-diagonal ``b`` [modules * R, width] needs no tiles but holds modules - 1 zeros for each value: its
-blobs were 46% larger (7.6 against 5.3 MB for that adapter), resident adapters too, and it decoded no
-faster (7.0-7.4 ms/token with the adapter, 5.0-5.1 without).
+divides every module's columns), each tile from the module it belongs to, so the graph multiplies each tile
+by its module's rank block in one batched product and the tiles side by side are the packed output. ``b``
+holds no more values than the modules' own factors, where a block-diagonal ``b`` [modules * R, width] would
+hold modules - 1 zeros for each value; int8 balances each module's factors before the layout
+(``codec.balance_int8``), so a rank component's scale is its module's own. Reading back drops the padding.
 """
 
 from __future__ import annotations
@@ -28,9 +22,11 @@ import math
 
 import numpy as np
 
-from .errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError
+
+from .compatibility import check_fits
 from .factors import AdapterFactors, ModuleFactors
-from .manifest import SlotGroup
+from .manifest import Slot, SlotGroup
 
 
 def group_name(modules: list[str]) -> str:
@@ -73,12 +69,13 @@ def graph_factors(factors: AdapterFactors, groups: list[SlotGroup]) -> dict[str,
         tile, owners = tiles(group)
         a = np.zeros((present[0].in_features, rank * len(members)), np.float32)
         b = np.zeros((len(owners), rank, tile), np.float32)
-        for i, (module, f, offset, width) in enumerate(zip(group.modules, members, group.offsets, group.widths)):
+        # the group's modules read one input and own their columns of the packed output
+        shapes = {m: Slot(m, group.a, group.b, a.shape[0], w) for m, w in zip(group.modules, group.widths)}
+        check_fits(AdapterFactors({m: f for m, f in zip(group.modules, members) if f is not None}, rank, 0.0),
+                   shapes, factors.source)
+        for i, (f, offset, width) in enumerate(zip(members, group.offsets, group.widths)):
             if f is None:
                 continue
-            if (f.in_features, f.out_features) != (a.shape[0], width):
-                raise EdgeLoraError(f"{factors.source}: module {module} has factors {f.a.shape} x {f.b.shape}, but "
-                                    f"its slot takes [{a.shape[0]}, r] x [r, {width}]; is it for another base model?")
             a[:, i * rank:i * rank + f.rank] = f.a
             first = offset // tile
             b[first:first + width // tile, :f.rank] = f.b.reshape(f.rank, width // tile, tile).transpose(1, 0, 2)

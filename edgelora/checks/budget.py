@@ -11,8 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EdgeLoraError
-from .units import format_value, parse_size
+from edgelora.errors import EdgeLoraError
+from edgelora.units import format_value, parse_size
 
 # metric -> unit; the latency metrics a budget, a relative budget and a baseline may name
 LATENCY_METRICS = {
@@ -143,7 +143,7 @@ def load_budgets(path: str | Path) -> Budgets:
             raise EdgeLoraError(f"{path}: quality.min_greedy_agreement: expected a fraction in (0, 1], got {value}")
         budgets.min_greedy_agreement = value
     if not (budgets.sizes or budgets.adapter_sizes or budgets.needs_latency or budgets.min_greedy_agreement):
-        raise EdgeLoraError(f"{path}: defines no budgets; see README.md, 'CI checks: edgelora check'")
+        raise EdgeLoraError(f"{path}: defines no budgets; see docs/checks.md")
     return budgets
 
 

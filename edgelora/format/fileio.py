@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

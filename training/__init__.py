@@ -1,0 +1,1 @@
+"""Host side, torch: ``edgelora train``, a PEFT LoRA adapter from prompt/completion pairs (``trainer``)."""
