@@ -218,3 +218,10 @@ def test_serve_run_arguments_reach_the_settings_and_options(tmp_path):
                           ({"package": "p", "route_by_adapter": "no"}, "route_by_adapter: expected true or false")]:
         with pytest.raises(EdgeLoraError, match=message):
             parse_arguments(args)
+
+
+def test_a_wrong_package_path_fails_before_ray_starts(tmp_path):
+    with pytest.raises(EdgeLoraError, match="not a package directory"):
+        build_app(tmp_path / "missing", Settings(), RayOptions())
+    with pytest.raises(EdgeLoraError, match="adapters-per-replica must be at least 1"):
+        RayOptions(adapters_per_replica=0).check()

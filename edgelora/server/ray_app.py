@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgelora.errors import EdgeLoraError
+from edgelora.format.manifest import load_manifest
 
 from .app import Server, create_app, endpoint
 from .ray_replica import AdapterReplica
@@ -83,6 +84,7 @@ class Ingress:
 def build_app(package, settings: Settings, options: RayOptions):
     """The Ray Serve application: ``serve.run(build_app(...), name=APP_NAME, route_prefix="/")``."""
     package = Path(package).resolve()
+    load_manifest(package)  # a wrong path fails here in one line, not in every replica
     settings = replace(settings.check(), adapter_dir=settings.adapter_folder(package).resolve())
     options.check()
     actor = {"num_cpus": options.replica_cpus}
