@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from .adapter_specs import parse_generate_adapters
 from .checks import report
 from .checks.budget import LatencySettings
 from .checks.measure import cold_load_ms, compare, hot_swap_us, peak_rss_bytes
@@ -83,28 +84,6 @@ def parse_probe_specs(specs: tuple[str, ...], adapters: dict[str, str]) -> dict[
                                 + (f"adapter {name}" if name else "the base and the other adapters"))
         probes[name] = path
     return probes
-
-
-def parse_generate_adapters(specs: tuple[str, ...], what: str = "--adapter"):
-    """``NAME`` -> the adapter; ``NAME:WEIGHT`` -> its strength; several -> their composition.
-
-    ``what`` names the argument in errors: the server parses a request's ``model`` with it too."""
-    if not specs:
-        return None
-    if len(specs) == 1 and ":" not in specs[0]:
-        return specs[0]
-    weights: dict[str, float] = {}
-    for spec in specs:
-        name, sep, weight = spec.partition(":")
-        try:
-            value = float(weight) if sep else 1.0
-        except ValueError:
-            raise EdgeLoraError(f"{what} {spec!r}: expected NAME or NAME:WEIGHT with a number") from None
-        if not name or name in weights:
-            raise EdgeLoraError(f"{what} {spec!r}: " + ("the same name is given twice" if name else "no name"))
-        weights[name] = value
-    return weights
-
 
 
 @click.group(cls=Group)

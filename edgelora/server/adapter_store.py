@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from edgelora.cli import parse_generate_adapters
+from edgelora.adapter_specs import parse_generate_adapters
 from edgelora.errors import EdgeLoraError
 from edgelora.format.fileio import check_name
 from edgelora.format.sidecar import sidecar_path
