@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[export,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[export,dev,serve,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -384,8 +384,21 @@ def web(package, port, page):
 @click.option("--grace", default=30.0, show_default=True, help="Seconds running requests get to finish on SIGTERM.")
 @click.option("--max-batch", default=8, show_default=True, help="Requests that decode together in one step.")
 @click.option("--max-queue", default=64, show_default=True, help="Requests that wait for a row; past them: 429.")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Serve from Ray Serve replicas, each adapter routed to where it is warm (needs edgelora[ray]).")
+@click.option("--replicas", default=2, show_default=True, help="With --ray: replicas of the model.")
+@click.option("--adapters-per-replica", default=4, show_default=True,
+              help="With --ray: adapters (or compositions) kept warm per replica.")
+@click.option("--replica-memory-mb", type=float, default=None, help="With --ray: each replica's adapter memory cap.")
+@click.option("--replica-cpus", default=1.0, show_default=True, help="With --ray: Ray CPUs per replica.")
+@click.option("--routing", type=click.Choice(["adapter", "load"]), default="adapter", show_default=True,
+              help="With --ray: to a replica where the request's adapter is warm, or Ray's default (the less busy "
+                   "of two replicas, for comparison).")
+@click.option("--ray-address", default=None,
+              help="With --ray: a running Ray cluster (auto, ray://HOST:10001)  [default: start one here]")
 def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name, max_tokens, max_body_mb,
-          max_upload_mb, grace, max_batch, max_queue):
+          max_upload_mb, grace, max_batch, max_queue, on_ray, replicas, adapters_per_replica, replica_memory_mb,
+          replica_cpus, routing, ray_address):
     """Serve PACKAGE over OpenAI's HTTP API; each request picks its adapter through `model` (needs edgelora[serve])."""
     try:
         from .server.run import serve as run_server
@@ -395,7 +408,27 @@ def serve(package, host, port, keys, adapter_memory_mb, adapter_dir, model_name,
     settings = Settings(host=host, port=port, keys=keys, adapter_dir=adapter_dir, model_name=model_name,
                         max_tokens=max_tokens, max_body_bytes=int(max_body_mb * MIB),
                         max_upload_bytes=int(max_upload_mb * MIB), grace_s=grace)
-    run_server(package, settings, adapter_memory_mb=adapter_memory_mb, max_batch=max_batch, max_queue=max_queue)
+    if on_ray and adapter_memory_mb is not None:
+        raise EdgeLoraError("--adapter-memory-mb: with --ray, each replica's cap is --replica-memory-mb")
+    if on_ray:
+        serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus,
+                     routing == "adapter", ray_address, max_batch, max_queue)
+    else:
+        run_server(package, settings, adapter_memory_mb=adapter_memory_mb, max_batch=max_batch, max_queue=max_queue)
+
+
+def serve_on_ray(package, settings, replicas, adapters_per_replica, replica_memory_mb, replica_cpus,
+                 route_by_adapter, address, max_batch, max_queue) -> None:
+    """``edgelora serve --ray``: the same settings, the model's replicas on Ray (see docs/ray.md)."""
+    try:
+        from .server.ray_app import RayOptions, serve_on_ray as run_on_ray
+    except ImportError as e:
+        raise EdgeLoraError(f"edgelora serve --ray needs the ray extra: pip install 'edgelora[serve,ray]' ({e})") \
+            from None
+    run_on_ray(package, settings, RayOptions(replicas=replicas, adapters_per_replica=adapters_per_replica,
+                                             replica_memory_mb=replica_memory_mb, replica_cpus=replica_cpus,
+                                             max_batch=max_batch, max_queue=max_queue,
+                                             route_by_adapter=route_by_adapter, address=address))
 
 
 if __name__ == "__main__":

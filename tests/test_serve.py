@@ -29,6 +29,7 @@ from edgelora.format.factors import AdapterFactors, ModuleFactors
 from edgelora.format.manifest import load_manifest
 from edgelora.runtime import EdgeModel
 from edgelora.server import Settings, create_app
+from edgelora.server.run import HTTP
 from edgelora.format.sidecar import write_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ class LiveServer:
         self.port = sock.getsockname()[1]
         sock.close()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=2))
+                                                    access_log=False, timeout_graceful_shutdown=2, http=HTTP))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

@@ -363,9 +363,11 @@ UPLOAD_PATH = "/v1/adapters"
 SPARE_THREADS = 16  # for the calls besides streams: tokenizing, embeddings, uploads
 
 
-def create_app(model, settings: Settings) -> Starlette:
-    """The ASGI app over an open ``EdgeModel``; uploads kept by an earlier run are registered now."""
+def create_app(model, settings: Settings, extra_routes: tuple[Route, ...] = ()) -> Starlette:
+    """The ASGI app over an open ``EdgeModel``; uploads kept by an earlier run are registered now.
+    ``extra_routes`` are endpoints of a deployment around the server (``--ray``'s replica counters)."""
     server = Server(model, settings)
+    routes = ROUTES + list(extra_routes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -378,9 +380,9 @@ def create_app(model, settings: Settings) -> Starlette:
             limiter.total_tokens = max(limiter.total_tokens, needed)
         yield
 
-    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_paths={UPLOAD_PATH},
                        max_upload_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(AccessLog, metrics=server.metrics, endpoints={route.path for route in ROUTES})
+    app.add_middleware(AccessLog, metrics=server.metrics, endpoints={route.path for route in routes})
     return app

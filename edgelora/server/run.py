@@ -13,6 +13,10 @@ import uvicorn
 from .app import create_app
 from .settings import Settings
 
+# uvicorn's httptools parser (there once uvicorn[standard] is, as ray[serve] brings it) drops the body of a request
+# that asks to upgrade to HTTP/2, as Java's HttpClient does on http:// by default; h11 serves it as HTTP/1.1
+HTTP = "h11"
+
 
 def serve(package, settings: Settings, adapter_memory_mb: float | None = None, max_batch: int = 8,
           max_queue: int = 64) -> None:
@@ -25,4 +29,4 @@ def serve(package, settings: Settings, adapter_memory_mb: float | None = None, m
                            batching=BatchSettings(max_batch=max_batch, max_queue=max_queue))
     app = create_app(model, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info",
-                timeout_graceful_shutdown=settings.grace_s)
+                timeout_graceful_shutdown=settings.grace_s, http=HTTP)
