@@ -29,7 +29,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from edgelora.cli import parse_generate_adapters
+from edgelora.adapter_specs import parse_generate_adapters
 from edgelora.errors import EdgeLoraError, UnknownAdapterError
 
 SUFFIX = ".onnx_adapter"
