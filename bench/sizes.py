@@ -103,6 +103,7 @@ def summary(rows: dict) -> dict:
     }
 
 
+NOTES = "<!-- notes below are written by hand and kept when the harness rewrites the tables above -->"
 OVERHEAD_TARGET = {"135m": None, "0.5b": 0.10, "1b": 0.06}
 
 
@@ -121,6 +122,15 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
         "adapter; onnxruntime-genai int4 with the adapter baked in by its model builder; llama.cpp "
         f"(`{llamacpp.SDIST}`'s vendored tree, `llama-server`) Q4_0 base + f32 LoRA at scale 1 and at scale 0, "
         "prompts as token ids, prompt cache off.",
+        "",
+        "How to read it: compare rows of one size only (the systems of a size ran back to back in every round, so a "
+        "load swing hits them alike; absolute times differ by 2x between machines of this kind and with the load). "
+        "Prefill is the first forward pass over the prompt (onnxruntime-genai: `append_tokens`; llama.cpp: the "
+        "server's `prompt_ms`); decode ms/token is the mean over the new tokens after the first; peak RSS is the "
+        "process's (llama.cpp: the server's) VmHWM. Adapter overhead compares the same graph (edgelora) or the same "
+        "server (llama.cpp, scale 1 against scale 0) with and without the adapter. The build figures are each "
+        "package's one-off cost on this machine, taken when it was built (maybe by an earlier run, under another "
+        "load).",
     ]
     sums = {size: summary(r) for size, r in rows.items()}
     for size, r in rows.items():
@@ -164,6 +174,7 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
 def plot(sums: dict, path: Path) -> None:
     """Decode ms/token and adapter overhead against parameters, one line per system."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -182,6 +193,7 @@ def plot(sums: dict, path: Path) -> None:
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(x, [f"{v:.0f}M" for v in x])
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -195,6 +207,7 @@ def write(root: Path, results: Path, sizes: list[str], rounds: int, reps: int, b
     (root / "sweep.json").write_text(json.dumps(rows))
     text, sums = report(root, rows, builds, rounds, command, f"{load} at the start, {decode.machine_load()} at the end")
     plot(sums, results.with_name("sizes.png"))
-    results.write_text(text)
+    kept = results.read_text().partition(NOTES)[2] if results.exists() else ""
+    results.write_text(text + "\n" + NOTES + kept)
     print(text)
 
