@@ -486,6 +486,8 @@ def main() -> None:
     parser.add_argument("--sizes-work", default=str(HERE / "work-sizes"))
     parser.add_argument("--sizes-rounds", type=int, default=2)
     parser.add_argument("--sizes-results", default=str(HERE / "RESULTS-sizes.md"))
+    parser.add_argument("--skip-export", action="append", default=[], metavar="SIZE:PACKAGE",
+                        help="a sweep package not to build, e.g. 1b:edgelora-int4 (its rows are left out)")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -507,7 +509,7 @@ def main() -> None:
         add_rank1(work)
         llamacpp.prepare(work, cache)
     if "sizes" in parts:
-        builds = sizes.prepare(sweep_root, shapes, cache)
+        builds = sizes.prepare(sweep_root, shapes, cache, tuple(args.skip_export))
     if "decode" in parts:
         load = machine_load()
         rows, tokens = interleaved(work, [*SYSTEMS, *llamacpp_rows(work)], args.rounds, args.reps)

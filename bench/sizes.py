@@ -40,15 +40,17 @@ def parameters(shape: dict) -> int:
     return shape["vocab_size"] * h + layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
 
 
-def prepare(root: Path, sizes: list[str], cache: Path) -> dict[str, dict]:
+def prepare(root: Path, sizes: list[str], cache: Path, skip_exports: tuple[str, ...] = ()) -> dict[str, dict]:
     """Per size: the model, its packages and GGUF files (each built once), and the repack probe; returns per size
-    every build's seconds and peak RSS."""
+    every build's seconds and peak RSS. ``skip_exports`` names packages not to build (where a size's export does
+    not fit in the memory left free); the sweep runs without their rows."""
     builds = {}
     for size in sizes:
         work = root / size
         work.mkdir(parents=True, exist_ok=True)
         decode.build_model(work, SHAPES[size], ADAPTERS)
-        builds[size] = dict(decode.exports(work, EXPORTS, adapters=tuple(ADAPTERS)))
+        wanted = [name for name in EXPORTS if f"{size}:{name}" not in skip_exports]
+        builds[size] = dict(decode.exports(work, wanted, adapters=tuple(ADAPTERS)))
         setup = llamacpp.prepare(work, cache)
         builds[size].update({f"llama.cpp {name}": entry for name, entry in setup["converts"].items()})
     return builds
@@ -57,8 +59,11 @@ def prepare(root: Path, sizes: list[str], cache: Path) -> dict[str, dict]:
 def systems(root: Path, size: str) -> list[str]:
     """The rows of a size; the forced ``--no-repack`` row only where the default repacking runs (else the main
     llama.cpp rows already are without it)."""
-    repack = json.loads((root / size / "llamacpp/setup.json").read_text())["repack"]["q4_0"]
-    return [EDGELORA, NO_ADAPTER, GENAI, LLAMA, LLAMA_NONE] + ([LLAMA_NOREPACK] if repack else [])
+    work = root / size
+    repack = json.loads((work / "llamacpp/setup.json").read_text())["repack"]["q4_0"]
+    edgelora = [EDGELORA, NO_ADAPTER] if (work / "edgelora-int4/edgelora.json").exists() else []
+    genai = [GENAI] if (work / "genai-int4/genai_config.json").exists() else []
+    return edgelora + genai + [LLAMA, LLAMA_NONE] + ([LLAMA_NOREPACK] if repack else [])
 
 
 def sweep(root: Path, sizes: list[str], rounds: int, reps: int) -> dict[str, dict]:
@@ -93,12 +98,17 @@ def summary(rows: dict) -> dict:
     pl = {k: decode.med(v["prefill_long_ms"]) for k, v in rows.items()}
     rss = {k: decode.med(v["rss_mb"]) for k, v in rows.items()}
     best = fastest_llama(d)
+
+    def ratio(a: dict, num: str, den: str) -> float | None:
+        return a[num] / a[den] if num in a and den in a else None
+
+    overhead = ratio(d, EDGELORA, NO_ADAPTER)
     return {
         "decode": d, "prefill": p, "prefill_long": pl, "rss": rss, "llama": best,
-        "vs_llama_decode": d[best] / d[EDGELORA],
-        "vs_llama_prefill_long": pl[best] / pl[EDGELORA],
-        "vs_genai_decode": d[GENAI] / d[EDGELORA],
-        "overhead": d[EDGELORA] / d[NO_ADAPTER] - 1,
+        "vs_llama_decode": ratio(d, best, EDGELORA),
+        "vs_llama_prefill_long": ratio(pl, best, EDGELORA),
+        "vs_genai_decode": ratio(d, GENAI, EDGELORA),
+        "overhead": None if overhead is None else overhead - 1,
         "llama_overhead": d[LLAMA] / d[LLAMA_NONE] - 1,
     }
 
@@ -162,6 +172,9 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
         ]
         lines += ["", "| edgelora int4 + int8 adapter | value | target | met |", "|---|---|---|---|"]
         for name, value, goal in checks:
+            if value is None:
+                lines.append(f"| {name} | not measured (no package) | {goal} | no |")
+                continue
             met = "-" if goal == "-" else ("yes" if (value >= float(goal.split()[1]) if goal.startswith(">=")
                                                      else value <= float(goal.split()[1])) else "no")
             lines.append(f"| {name} | {value:.2f} | {goal} | {met} |")
@@ -182,12 +195,17 @@ def plot(sums: dict, path: Path) -> None:
     sizes = list(sums)
     x = [parameters(SHAPES[s]) / 1e6 for s in sizes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    def line(ax, values, name):
+        points = [(xi, v) for xi, v in zip(x, values) if v is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+
     for system in (EDGELORA, NO_ADAPTER, GENAI, LLAMA, LLAMA_NONE):
-        left.plot(x, [sums[s]["decode"][system] for s in sizes], marker="o", label=label(system))
+        line(left, [sums[s]["decode"].get(system) for s in sizes], label(system))
     left.set(xlabel="parameters (millions)", ylabel="decode ms/token", title="Decode, 32-token prompt")
     left.legend(fontsize=7)
-    right.plot(x, [100 * sums[s]["overhead"] for s in sizes], marker="o", label="edgelora int4 + int8 adapter")
-    right.plot(x, [100 * sums[s]["llama_overhead"] for s in sizes], marker="o", label="llama.cpp Q4_0 + f32 LoRA")
+    line(right, [None if sums[s]["overhead"] is None else 100 * sums[s]["overhead"] for s in sizes],
+         "edgelora int4 + int8 adapter")
+    line(right, [100 * sums[s]["llama_overhead"] for s in sizes], "llama.cpp Q4_0 + f32 LoRA")
     right.set(xlabel="parameters (millions)", ylabel="adapter overhead, % of decode time",
               title="Adapter active vs none, same model")
     right.legend(fontsize=7)
