@@ -510,6 +510,8 @@ def main() -> None:
         llamacpp.prepare(work, cache)
     if "sizes" in parts:
         builds = sizes.prepare(sweep_root, shapes, cache, tuple(args.skip_export))
+    if "sizes" in parts:
+        sizes.write(sweep_root, Path(args.sizes_results), shapes, args.sizes_rounds, args.reps, builds, command)
     if "decode" in parts:
         load = machine_load()
         rows, tokens = interleaved(work, [*SYSTEMS, *llamacpp_rows(work)], args.rounds, args.reps)
@@ -530,8 +532,6 @@ def main() -> None:
                  f"({Path(args.sizes_results).name}).\n")
         Path(args.results).write_text(text)
         print(text)
-    if "sizes" in parts:
-        sizes.write(sweep_root, Path(args.sizes_results), shapes, args.sizes_rounds, args.reps, builds, command)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where an edgelora package spends a prefill and a decode step, by operator type (onnxruntime's profiler).
 
-    .venv/bin/python bench/profile.py PACKAGE [--adapter a] [--prompt 512] [--decode 32]
+    .venv/bin/python bench/op_profile.py PACKAGE [--adapter a] [--prompt 512] [--decode 32]
 
 Runs one prefill of a ``--prompt``-token prompt, then a 32-token prompt and ``--decode`` new tokens, through
 ``EdgeModel`` with onnxruntime's profiling on, and prints per operator type the kernel time of the long prefill and
