@@ -1,17 +1,20 @@
-"""Decode speed against onnxruntime-genai and PyTorch + PEFT, on a SmolLM-135M-shaped Llama with a rank-16 adapter.
+"""Decode speed against llama.cpp, onnxruntime-genai and PyTorch + PEFT, on a SmolLM-135M-shaped Llama with a rank-16
+adapter; then the same against llama.cpp and onnxruntime-genai at the 135M, 0.5B and 1B shapes (``sizes.py``).
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/decode.py [--work bench/work-decode] [--rounds 3] [--results bench/RESULTS.md]
+    .venv/bin/python bench/decode.py [--rounds 3] [--sizes-rounds 2] [--parts decode,sizes] [--skip-export 1b:edgelora-int4]
 
 Builds the model (random weights, tied embeddings) and a rank-16 PEFT adapter on all seven projections,
 exports it with edgelora (fp32 graph + fp32 adapter; int4 base + int8 adapter, to which a rank-1 adapter is
 added), builds the peers with onnxruntime-genai's model builder (fp32 and int4, adapter baked in with
-``adapter_path``), then measures every system in its own process, the systems interleaved round after round so
-that the machine's load hits them alike: prefill ms (32-token prompt), decode ms/token (64 new tokens, greedy,
-EOS ignored), peak RSS. Also hot swap (edgelora between two resident adapters, PEFT ``set_adapter``), export
-seconds, and the memory-bandwidth floor of the int4 package. Ratios are of medians over the rounds. Last, the
-int4 systems again beside a busy process (``--busy-rounds``), since spinning threads trade speed on an idle
-CPU against speed on a shared one.
+``adapter_path``) and llama.cpp (``llamacpp.py``: built once from the PyPI sdist of llama-cpp-python, Q4_0 and
+Q8_0 bases, the LoRA at f32 and q8_0), then measures every system in its own process, the systems interleaved
+round after round so that the machine's load hits them alike: prefill ms (32-token prompt), decode ms/token (64
+new tokens, greedy, EOS ignored), peak RSS. Also hot swap (edgelora between two resident adapters, PEFT
+``set_adapter``), export seconds and peak RSS, and the memory-bandwidth floor of the int4 package. Ratios are of
+medians over the rounds. Last, the int4 systems again beside a busy process (``--busy-rounds``), since spinning
+threads trade speed on an idle CPU against speed on a shared one. The size sweep writes ``RESULTS-sizes.md`` and
+``sizes.png``.
 """
 
 from __future__ import annotations
