@@ -1,17 +1,20 @@
-"""Decode speed against onnxruntime-genai and PyTorch + PEFT, on a SmolLM-135M-shaped Llama with a rank-16 adapter.
+"""Decode speed against llama.cpp, onnxruntime-genai and PyTorch + PEFT, on a SmolLM-135M-shaped Llama with a rank-16
+adapter; then the same against llama.cpp and onnxruntime-genai at the 135M, 0.5B and 1B shapes (``sizes.py``).
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/decode.py [--work bench/work-decode] [--rounds 3] [--results bench/RESULTS.md]
+    .venv/bin/python bench/decode.py [--rounds 3] [--sizes-rounds 2] [--parts decode,sizes] [--skip-export 1b:edgelora-int4]
 
 Builds the model (random weights, tied embeddings) and a rank-16 PEFT adapter on all seven projections,
 exports it with edgelora (fp32 graph + fp32 adapter; int4 base + int8 adapter, to which a rank-1 adapter is
 added), builds the peers with onnxruntime-genai's model builder (fp32 and int4, adapter baked in with
-``adapter_path``), then measures every system in its own process, the systems interleaved round after round so
-that the machine's load hits them alike: prefill ms (32-token prompt), decode ms/token (64 new tokens, greedy,
-EOS ignored), peak RSS. Also hot swap (edgelora between two resident adapters, PEFT ``set_adapter``), export
-seconds, and the memory-bandwidth floor of the int4 package. Ratios are of medians over the rounds. Last, the
-int4 systems again beside a busy process (``--busy-rounds``), since spinning threads trade speed on an idle
-CPU against speed on a shared one.
+``adapter_path``) and llama.cpp (``llamacpp.py``: built once from the PyPI sdist of llama-cpp-python, Q4_0 and
+Q8_0 bases, the LoRA at f32 and q8_0), then measures every system in its own process, the systems interleaved
+round after round so that the machine's load hits them alike: prefill ms (32-token prompt), decode ms/token (64
+new tokens, greedy, EOS ignored), peak RSS. Also hot swap (edgelora between two resident adapters, PEFT
+``set_adapter``), export seconds and peak RSS, and the memory-bandwidth floor of the int4 package. Ratios are of
+medians over the rounds. Last, the int4 systems again beside a busy process (``--busy-rounds``), since spinning
+threads trade speed on an idle CPU against speed on a shared one. The size sweep writes ``RESULTS-sizes.md`` and
+``sizes.png``.
 """
 
 from __future__ import annotations
@@ -40,20 +43,20 @@ THREADS = 2
 ADAPTERS = {"a": (1, RANK), "b": (2, RANK), "r1": (3, 1)}
 
 
-def build_model(work: Path) -> None:
+def build_model(work: Path, shape: dict = SHAPE, adapters: dict = ADAPTERS) -> None:
     """The base folder (config + weights + a tokenizer, which the genai builder needs) and the adapters."""
     import torch
     import transformers
 
     from edgelora.demo.tiny_models import random_peft_adapter, save_char_tokenizer
 
-    missing = [name for name in ADAPTERS if not (work / "peft" / name / "adapter_config.json").exists()]
+    missing = [name for name in adapters if not (work / "peft" / name / "adapter_config.json").exists()]
     if not missing:
         return
     if (work / "base/config.json").exists():
         model = transformers.LlamaForCausalLM.from_pretrained(work / "base").eval()
     else:
-        config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True, max_position_embeddings=2048,
+        config = transformers.LlamaConfig(**shape, tie_word_embeddings=True, max_position_embeddings=2048,
                                           rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                           architectures=["LlamaForCausalLM"])
         torch.manual_seed(0)
@@ -61,56 +64,81 @@ def build_model(work: Path) -> None:
         model.save_pretrained(work / "base")
         save_char_tokenizer(work / "base")
     for name in missing:
-        seed, rank = ADAPTERS[name]
+        seed, rank = adapters[name]
         random_peft_adapter(model, work / "peft" / name, seed=seed, r=rank, alpha=2 * rank, targets=ALL)
 
 
-def build(cmd: list[str]) -> float:
-    """Run a build step and return its wall seconds; its output is shown only if it fails (the genai builder logs
-    every tensor)."""
+def build(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a build step; returns its wall seconds and peak RSS (of the step and the processes it waited for). Its
+    output is shown only if it fails (the genai builder logs every tensor)."""
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{output[-3000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def exports(work: Path) -> dict[str, str]:
-    """Each package once, reused on later runs; export seconds are kept beside them (``export-seconds.json``)."""
+EXPORTS = ("edgelora-fp32", "edgelora-int4", "genai-fp32", "genai-int4")
+
+
+def export_jobs(work: Path, adapters: tuple[str, ...]) -> dict[str, list[str]]:
+    """The command that builds each package: edgelora with ``adapters``, the genai builder with adapter ``a``
+    baked in."""
     edgelora = str(Path(sys.executable).with_name("edgelora"))
-    adapters = ["--adapter", f"a={work / 'peft/a'}", "--adapter", f"b={work / 'peft/b'}"]
+    packed = [arg for name in adapters for arg in ("--adapter", f"{name}={work / 'peft' / name}")]
     builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"), "-e", "cpu",
                "-c", str(work / "hf-cache"), "--extra_options", f"adapter_path={work / 'peft/a'}", "hf_token=false"]
-    jobs = {
-        "edgelora-fp32": [edgelora, "export", str(work / "base"), *adapters, "--out", str(work / "edgelora-fp32")],
-        "edgelora-int4": [edgelora, "export", str(work / "base"), *adapters, "--out", str(work / "edgelora-int4"),
+    return {
+        "edgelora-fp32": [edgelora, "export", str(work / "base"), *packed, "--out", str(work / "edgelora-fp32")],
+        "edgelora-int4": [edgelora, "export", str(work / "base"), *packed, "--out", str(work / "edgelora-int4"),
                           "--quantize", "int4", "--adapter-dtype", "int8", "--accuracy-level", "4"],
         "genai-fp32": [*builder, "-o", str(work / "genai-fp32"), "-p", "fp32"],
         "genai-int4": [*builder, "-o", str(work / "genai-int4"), "-p", "int4"],
     }
-    record = work / "export-seconds.json"
-    seconds = json.loads(record.read_text()) if record.exists() else {}
-    built = set()
-    for name, cmd in jobs.items():
+
+
+def exports(work: Path, names=EXPORTS, adapters: tuple[str, ...] = ("a", "b")) -> dict[str, dict]:
+    """Each package once, one at a time, reused on later runs; per package its export seconds and peak RSS, kept
+    beside them (``exports.json``) with ``built_by_earlier_run`` set when this run did not build it."""
+    jobs = export_jobs(work, adapters)
+    record = work / "exports.json"
+    done = json.loads(record.read_text()) if record.exists() else {}
+    for entry in done.values():
+        entry["built_by_earlier_run"] = True
+    for name in names:
         if not (work / name).exists():
-            print(f"building {name} ...", file=sys.stderr, flush=True)
-            seconds[name] = build(cmd)
-            built.add(name)
-            record.write_text(json.dumps(seconds))
-    if not (work / "edgelora-int4/adapters/r1.onnx_adapter").exists():  # not part of the export's seconds
-        build([edgelora, "add-adapter", str(work / "edgelora-int4"), f"r1={work / 'peft/r1'}"])
-    return {name: f"{seconds[name]:.1f} s" + ("" if name in built else " (built by an earlier run)")
-            for name in jobs if name in seconds}
+            print(f"building {name} in {work} ...", file=sys.stderr, flush=True)
+            done[name] = build(jobs[name])
+            record.write_text(json.dumps(done))
+    return {name: done[name] for name in names if name in done}
 
 
-def prompt_ids() -> list[int]:
-    return [int(t) for t in np.random.default_rng(0).integers(4, 90, PROMPT_TOKENS)]
+def add_rank1(work: Path) -> None:
+    """The rank-1 adapter joins the int4 package after its export (not part of the export's cost)."""
+    if not (work / "edgelora-int4/adapters/r1.onnx_adapter").exists():
+        build([str(Path(sys.executable).with_name("edgelora")), "add-adapter", str(work / "edgelora-int4"),
+               f"r1={work / 'peft/r1'}"])
+
+
+def export_label(entry: dict) -> str:
+    return (f"{entry['seconds']:.1f} s, peak RSS {entry['peak_rss_mb']:.0f} MB"
+            + (" (built by an earlier run)" if entry.get("built_by_earlier_run") else ""))
+
+
+def prompt_ids(length: int = PROMPT_TOKENS) -> list[int]:
+    return [int(t) for t in np.random.default_rng(0).integers(4, 90, length)]
 
 
 # workers: one system per process, so RSS is the system's own
 
 
-def worker_edgelora(package: Path, adapter: str | None, reps: int, spin_us: int | None = None) -> dict:
+def worker_edgelora(package: Path, adapter: str | None, reps: int, spin_us: int | None = None,
+                    long_prompt: int = 0) -> dict:
+    """Prefill and decode of the 32-token prompt ``reps`` times; with ``long_prompt``, that many tokens' prefill
+    too (``prefill_long_ms``)."""
     from edgelora.runtime import EdgeModel
 
     spin = {} if spin_us is None else {"spin_us": spin_us}
@@ -118,21 +146,24 @@ def worker_edgelora(package: Path, adapter: str | None, reps: int, spin_us: int 
     ids = prompt_ids()
     model.generate(ids, adapter=adapter, max_new_tokens=4, ignore_eos=True)
     runs = [model.generate(ids, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True) for _ in range(reps)]
-    return {"prefill_ms": [r.prefill_ms for r in runs], "decode_ms": [r.decode_ms_per_token for r in runs],
-            "tokens": runs[0].token_ids}
+    result = {"prefill_ms": [r.prefill_ms for r in runs], "decode_ms": [r.decode_ms_per_token for r in runs],
+              "tokens": runs[0].token_ids}
+    if long_prompt:
+        result["prefill_long_ms"] = [model.generate(prompt_ids(long_prompt), adapter=adapter, max_new_tokens=1,
+                                                    ignore_eos=True).prefill_ms for _ in range(reps)]
+    return result
 
 
-def worker_genai(folder: Path, reps: int) -> dict:
+def worker_genai(folder: Path, reps: int, long_prompt: int = 0) -> dict:
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     config.clear_providers()
     model = og.Model(config)
-    ids = prompt_ids()
 
-    def run(n: int):
+    def run(ids: list[int], n: int):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PROMPT_TOKENS + n, min_length=PROMPT_TOKENS + n, do_sample=False)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
         generator = og.Generator(model, params)
         t0 = time.perf_counter()
         generator.append_tokens(ids)  # the prompt's forward pass; the first generate_next_token only picks
@@ -145,9 +176,12 @@ def worker_genai(folder: Path, reps: int) -> dict:
         steps = max(len(tokens) - 1, 1)
         return prefill * 1e3, (time.perf_counter() - t0) * 1e3 / steps, tokens
 
-    run(4)
-    runs = [run(NEW_TOKENS) for _ in range(reps)]
-    return {"prefill_ms": [r[0] for r in runs], "decode_ms": [r[1] for r in runs], "tokens": runs[0][2]}
+    run(prompt_ids(), 4)
+    runs = [run(prompt_ids(), NEW_TOKENS) for _ in range(reps)]
+    result = {"prefill_ms": [r[0] for r in runs], "decode_ms": [r[1] for r in runs], "tokens": runs[0][2]}
+    if long_prompt:
+        result["prefill_long_ms"] = [run(prompt_ids(long_prompt), 1)[0] for _ in range(reps)]
+    return result
 
 
 def worker_torch(work: Path, reps: int) -> dict:
@@ -232,24 +266,30 @@ LABELS = {
 
 
 def run_worker(args) -> None:
+    import llamacpp
+
     work = Path(args.work)
     if args.worker == "swap":
         result = worker_swap(work)
+    elif args.worker in llamacpp.SYSTEMS:
+        result = llamacpp.worker(work, llamacpp.SYSTEMS[args.worker], args.reps, args.long_prompt)
     else:
         kind, folder, adapter, spin_us = SYSTEMS[args.worker]
         if kind == "edgelora":
-            result = worker_edgelora(work / folder, adapter, args.reps, spin_us)
+            result = worker_edgelora(work / folder, adapter, args.reps, spin_us, args.long_prompt)
         elif kind == "genai":
-            result = worker_genai(work / folder, args.reps)
+            result = worker_genai(work / folder, args.reps, args.long_prompt)
         else:
             result = worker_torch(work, args.reps)
-    result["rss_mb"] = peak_rss_bytes() / 2**20
+    result.setdefault("rss_mb", peak_rss_bytes() / 2**20)
     print(json.dumps(result))
 
 
-def measure(work: Path, system: str, reps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", system, "--reps", str(reps)],
-                         check=True, capture_output=True, text=True)
+def measure(work: Path, system: str, reps: int, long_prompt: int = 0) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", system, "--reps", str(reps),
+                          "--long-prompt", str(long_prompt)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{system} in {work} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -290,31 +330,48 @@ def med(values) -> float:
     return float(np.median(values))
 
 
-def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, command: str) -> str:
+def row_label(system: str, row: dict | None = None) -> str:
+    """The results table's name of a system; a llama.cpp row says which repack setting it ran with."""
+    import llamacpp
+
+    if system in llamacpp.SYSTEMS:
+        repack = row is not None and row.get("repack")
+        return llamacpp.LABELS[system] + ("" if system.endswith("norepack") else
+                                          " (default repacking)" if repack else " (`--no-repack`)")
+    return LABELS[system]
+
+
+def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, command: str, load: str) -> str:
     d = {k: med(v["decode_ms"]) for k, v in rows.items()}
     p = {k: med(v["prefill_ms"]) for k, v in rows.items()}
     rss = {k: med(v["rss_mb"]) for k, v in rows.items()}
     n = len(next(iter(rows.values()))["decode_ms"])
     lines = [
-        "# Decode against onnxruntime-genai and PyTorch + PEFT",
+        "# Decode against llama.cpp, onnxruntime-genai and PyTorch + PEFT",
         "",
         f"Command: `{command}` (one run; {n} rounds, systems interleaved within each round, each system in its own "
         f"process; medians). Model: SmolLM-135M-shaped Llama (vocab 49152, hidden 576, intermediate 1536, 30 layers, "
         f"9 heads, 3 KV heads, tied embeddings), random weights; rank-{RANK} adapter on all seven projections "
         f"({len(ALL) * SHAPE['num_hidden_layers']} slots); {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
         f"greedy, EOS ignored; edgelora and PyTorch with {THREADS} intra-op threads, onnxruntime-genai with its own "
-        "defaults (under which it decoded on one thread on the 2-core development machine).",
+        "defaults (under which it decoded on one thread on the 2-core development machine); llama.cpp's "
+        f"`llama-server` on {THREADS} threads with the LoRA applied per request, prompt cache off. Machine load: "
+        f"{load}.",
         "",
         "| system | prefill ms | decode ms/token | tokens/s | peak RSS MB |",
         "|---|---|---|---|---|",
     ]
     for k in rows:
-        lines.append(f"| {LABELS[k]} | {p[k]:.1f} | {d[k]:.2f} | {1e3 / d[k]:.1f} | {rss[k]:.0f} |")
+        lines.append(f"| {row_label(k, rows[k])} | {p[k]:.1f} | {d[k]:.2f} | {1e3 / d[k]:.1f} | {rss[k]:.0f} |")
 
     def ratio(a, b):
         return d[b] / d[a]
 
+    llama = min((k for k in ("llamacpp-q4_0-lora-f32", "llamacpp-q4_0-lora-f32-norepack") if k in d), key=d.get)
     targets = [
+        (f"int4 base + int8 adapter vs {row_label(llama, rows[llama])} (tokens/s)", ratio("edgelora-int4", llama),
+         ">= 1.0"),
+        ("the same, prefill", p[llama] / p["edgelora-int4"], ">= 1.0"),
         ("int4 base + int8 adapter vs onnxruntime-genai int4 (tokens/s)", ratio("edgelora-int4", "genai-int4"), ">= 1.0"),
         ("the same, edgelora never spinning", ratio("edgelora-int4-nospin", "genai-int4"), ">= 1.0"),
         ("fp32 + adapter vs onnxruntime-genai fp32 (tokens/s)", ratio("edgelora-fp32", "genai-fp32"), ">= 1.2"),
@@ -356,7 +413,7 @@ def report(work: Path, rows: dict, export_s: dict, swap: dict, floor: dict, comm
         "builder given the adapter to bake in):",
         "",
     ]
-    lines += [f"- {k}: {v}" for k, v in export_s.items()]
+    lines += [f"- {k}: {export_label(v)}" for k, v in export_s.items()]
     lines += ["", f"Nodes per graph: edgelora fp32 {floor['nodes_fp32']}, edgelora int4 {floor['nodes_int4']}, "
               f"onnxruntime-genai int4 {floor['nodes_genai']}."]
     return "\n".join(lines) + "\n"
@@ -373,6 +430,7 @@ def interleaved(work: Path, systems, rounds: int, reps: int) -> tuple[dict, dict
             rows[system]["prefill_ms"].append(med(result["prefill_ms"]))
             rows[system]["decode_ms"].append(med(result["decode_ms"]))
             rows[system]["rss_mb"].append(result["rss_mb"])
+            rows[system]["repack"] = result.get("repack")
             tokens[system] = result["tokens"]
     return rows, tokens
 
@@ -392,49 +450,91 @@ def busy_report(rows: dict, rounds: int) -> str:
     lines = ["", "Beside one busy process (a pure-Python loop holding one of the cores; "
              f"{rounds} rounds, interleaved):",
              "", "| system | decode ms/token | edgelora's speed against it |", "|---|---|---|"]
-    lines += [f"| {LABELS[k]} | {d[k]:.2f} | {d[k] / d['edgelora-int4']:.2f}x |" if k != "edgelora-int4"
-              else f"| {LABELS[k]} | {d[k]:.2f} | |" for k in BESIDE_BUSY]
+    lines += [f"| {row_label(k)} | {d[k]:.2f} | {d[k] / d['edgelora-int4']:.2f}x |" if k != "edgelora-int4"
+              else f"| {row_label(k)} | {d[k]:.2f} | |" for k in BESIDE_BUSY]
     return "\n".join(lines) + "\n"
 
 
+def machine_load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
+
+
+def llamacpp_rows(work: Path) -> list[str]:
+    """The llama.cpp rows; the forced ``--no-repack`` one only where the default repacking runs."""
+    import llamacpp
+
+    repack = json.loads((work / "llamacpp/setup.json").read_text())["repack"]["q4_0"]
+    return [k for k in llamacpp.SYSTEMS if repack or not k.endswith("norepack")]
+
+
 def main() -> None:
+    import llamacpp
+    import sizes
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(HERE / "work-decode"))
     parser.add_argument("--results", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2, help="generations per system per round")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--long-prompt", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--fresh", action="store_true", help="rebuild every package (to time the exports)")
     parser.add_argument("--busy-rounds", type=int, default=2,
                         help="rounds of the int4 systems again beside a busy process (0: skip)")
+    parser.add_argument("--llamacpp-cache", default=str(HERE / "work-llamacpp"),
+                        help="where llama.cpp's sources and build are kept between runs")
+    parser.add_argument("--parts", default="decode,sizes", help="decode: the 135M comparison; sizes: the sweep")
+    parser.add_argument("--sizes", default=",".join(sizes.SHAPES), help="the sweep's shapes, comma-separated")
+    parser.add_argument("--sizes-work", default=str(HERE / "work-sizes"))
+    parser.add_argument("--sizes-rounds", type=int, default=2)
+    parser.add_argument("--sizes-results", default=str(HERE / "RESULTS-sizes.md"))
+    parser.add_argument("--skip-export", action="append", default=[], metavar="SIZE:PACKAGE",
+                        help="a sweep package not to build, e.g. 1b:edgelora-int4 (its rows are left out)")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
         return
-    work = Path(args.work)
+    parts = set(args.parts.split(","))
+    work, cache, sweep_root = Path(args.work), Path(args.llamacpp_cache), Path(args.sizes_work)
+    shapes = [s for s in args.sizes.split(",") if s]
+    command = ("python bench/decode.py " + " ".join(a for a in sys.argv[1:])).strip()
     if args.fresh:
-        for name in ("edgelora-fp32", "edgelora-int4", "genai-fp32", "genai-int4"):
-            shutil.rmtree(work / name, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    build_model(work)
-    export_s = exports(work)
-    rows, tokens = interleaved(work, SYSTEMS, args.rounds, args.reps)
-    busy = beside_busy_process(work, args.busy_rounds, args.reps) if args.busy_rounds else None
-    swap = measure(work, "swap", 1)
-    bw = copy_bandwidth()
-    floor_bytes = bytes_per_token(work / "edgelora-int4", work / "edgelora-int4/adapters/a.onnx_adapter")
-    floor = {"bytes": floor_bytes, "bw": bw, "floor_ms": floor_bytes / bw * 1e3,
-             "nodes_fp32": node_count(work / "edgelora-fp32"), "nodes_int4": node_count(work / "edgelora-int4"),
-             "nodes_genai": node_count(work / "genai-int4")}
-    command = "python bench/decode.py " + " ".join(a for a in sys.argv[1:])
-    text = report(work, rows, export_s, swap, floor, command.strip())
-    if busy is not None:
-        text += busy_report(busy, args.busy_rounds)
-    agree = np.mean([a == b for a, b in zip(tokens["edgelora-fp32"], tokens["torch-peft"])])
-    text += (f"\nGreedy tokens, edgelora fp32 vs PyTorch + PEFT: {agree:.0%} of the {NEW_TOKENS} agree "
-             "(random weights give near-flat logits, so late flips from float rounding are expected).\n")
-    Path(args.results).write_text(text)
-    print(text)
+        for folder in [work, *(sweep_root / s for s in shapes)]:
+            for name in (*EXPORTS, "llamacpp"):
+                shutil.rmtree(folder / name, ignore_errors=True)
+            (folder / "exports.json").unlink(missing_ok=True)
+    # every build first, so that the measurements follow each other
+    if "decode" in parts:
+        work.mkdir(parents=True, exist_ok=True)
+        build_model(work)
+        export_s = exports(work)
+        add_rank1(work)
+        llamacpp.prepare(work, cache)
+    if "sizes" in parts:
+        builds = sizes.prepare(sweep_root, shapes, cache, tuple(args.skip_export))
+    if "sizes" in parts:
+        sizes.write(sweep_root, Path(args.sizes_results), shapes, args.sizes_rounds, args.reps, builds, command)
+    if "decode" in parts:
+        load = machine_load()
+        rows, tokens = interleaved(work, [*SYSTEMS, *llamacpp_rows(work)], args.rounds, args.reps)
+        busy = beside_busy_process(work, args.busy_rounds, args.reps) if args.busy_rounds else None
+        swap = measure(work, "swap", 1)
+        bw = copy_bandwidth()
+        floor_bytes = bytes_per_token(work / "edgelora-int4", work / "edgelora-int4/adapters/a.onnx_adapter")
+        floor = {"bytes": floor_bytes, "bw": bw, "floor_ms": floor_bytes / bw * 1e3,
+                 "nodes_fp32": node_count(work / "edgelora-fp32"), "nodes_int4": node_count(work / "edgelora-int4"),
+                 "nodes_genai": node_count(work / "genai-int4")}
+        text = report(work, rows, export_s, swap, floor, command, f"{load} at the start, {machine_load()} at the end")
+        if busy is not None:
+            text += busy_report(busy, args.busy_rounds)
+        agree = np.mean([a == b for a, b in zip(tokens["edgelora-fp32"], tokens["torch-peft"])])
+        text += (f"\nGreedy tokens, edgelora fp32 vs PyTorch + PEFT: {agree:.0%} of the {NEW_TOKENS} agree "
+                 "(random weights give near-flat logits, so late flips from float rounding are expected).\n")
+        text += (f"\nAt 0.5B and 1B, against llama.cpp and onnxruntime-genai: [{Path(args.sizes_results).name}]"
+                 f"({Path(args.sizes_results).name}).\n")
+        Path(args.results).write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

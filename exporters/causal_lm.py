@@ -16,6 +16,7 @@ from edgelora.format.manifest import Slot, SlotGroup
 
 from . import repeat_layers
 from .fusion import fuse_for_ort
+from .last_logits import LOGITS_KEEP
 from .phases import note
 from .row_mask import ROW_MASK
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
@@ -126,6 +127,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "vocab_size": config.vocab_size,
         "max_positions": config.max_position_embeddings,
         "row_mask": ROW_MASK if fusions.get("row_mask") else None,
+        "logits_keep": LOGITS_KEEP if fusions.get("logits_keep") else None,
         "opset": OPSET,
         "quantization": quantize,
         "quantization_block_size": block,
@@ -161,7 +163,7 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
         args, dynamic_shapes = _example_inputs(model.config, traced_layers, traced_slots)
         return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, adapter_dtype,
                               block, quantize, accuracy_level, fuse=fuse,
-                              expand=expand, traced_io=traced_io, labels=labels, row_mask=True)
+                              expand=expand, traced_io=traced_io, labels=labels, row_mask=True, logits_keep=True)
 
 
 def _example_inputs(config, layers: int, slots: list[Slot]) -> tuple[tuple, tuple]:

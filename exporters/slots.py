@@ -21,6 +21,7 @@ from edgelora.format.slot_groups import factor_names
 from .base_quant import quantize_base
 from .packing import group_slots
 from .phases import phase
+from .last_logits import add_logits_keep
 from .row_mask import add_row_mask
 from .slot_codec import encode_slots
 
@@ -147,7 +148,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
                    lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
                    accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
                    labels: tuple[str, str] = ("tracing", ""),
-                   row_mask: bool = False) -> tuple[dict[str, int], list[SlotGroup]]:
+                   row_mask: bool = False, logits_keep: bool = False) -> tuple[dict[str, int], list[SlotGroup]]:
     """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts and the
     slot groups.
 
@@ -158,7 +159,8 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
     serves every codec. ``expand`` (proto -> proto) turns a graph traced from part of the model, with
     the I/O names ``traced_io`` (inputs, outputs), into the whole model's graph before the fusion.
     ``labels`` name the trace and the expansion on the progress line (``phases``). ``row_mask`` adds the
-    per-row adapter mask that lets one call carry rows with different adapters (``row_mask.add_row_mask``).
+    per-row adapter mask that lets one call carry rows with different adapters (``row_mask.add_row_mask``);
+    ``logits_keep`` the input that limits the LM head to a pass's last positions (``last_logits``).
     """
     traced_in, traced_out = traced_io or (inputs + lora_names, outputs)
     try:
@@ -198,6 +200,8 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
         encode_slots(proto, lora_names, adapter_dtype, block)
         if row_mask:
             fusions["row_mask"] = add_row_mask(proto, lora_names, {g.b for g in groups})
+    if logits_keep:
+        fusions["logits_keep"] = int(add_logits_keep(proto))
     if quantize != "none":
         with phase(f"quantizing the base {quantize}"):
             proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))

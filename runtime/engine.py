@@ -228,7 +228,7 @@ class BatchEngine:
             chunk = request.prompt_ids[request.fed:request.fed + budget]
             ids = np.asarray([chunk], np.int64)
             positions = np.arange(request.fed, request.fed + len(chunk), dtype=np.int64)[None]
-            logits = self.model.runner.forward(request.call, ids, positions, request.kv)
+            logits = self.model.runner.forward(request.call, ids, positions, request.kv, last_only=True)
             request.fed += len(chunk)
             budget -= len(chunk)
             if request.fed == len(request.prompt_ids):

@@ -24,6 +24,7 @@ class GraphInfo:
     max_positions: int | None  # the model's context; None in packages exported before it was recorded
     shared_kv: bool  # GroupQueryAttention: the KV cache is one buffer bound as both past and present
     row_mask: str | None  # the per-row adapter mask input, in packages exported with it
+    logits_keep: str | None  # the input limiting the logits to a pass's last positions, in packages exported with it
     eos_token_ids: frozenset[int]
     max_length: int | None  # encoders' longest input
 
@@ -48,6 +49,9 @@ class GraphInfo:
         row_mask = graph.get("row_mask")
         if row_mask is not None and not isinstance(row_mask, str):
             raise EdgeLoraError(f"{where}: graph.row_mask must be an input name, got {row_mask!r}")
+        logits_keep = graph.get("logits_keep")
+        if logits_keep is not None and not isinstance(logits_keep, str):
+            raise EdgeLoraError(f"{where}: graph.logits_keep must be an input name, got {logits_keep!r}")
         eos = manifest.generation.get("eos_token_ids") or []
         if not isinstance(eos, list) or not all(isinstance(t, int) for t in eos):
             raise EdgeLoraError(f"{where}: generation.eos_token_ids must be a list of token ids")
@@ -55,7 +59,8 @@ class GraphInfo:
                    num_layers=graph["num_layers"], vocab_size=graph["vocab_size"],
                    num_kv_heads=graph.get("num_kv_heads"), head_dim=graph.get("head_dim"),
                    max_positions=graph.get("max_positions"), shared_kv=bool(graph.get("fusions", {}).get("gqa")),
-                   row_mask=row_mask, eos_token_ids=frozenset(eos), max_length=graph.get("max_length"))
+                   row_mask=row_mask, logits_keep=logits_keep, eos_token_ids=frozenset(eos),
+                   max_length=graph.get("max_length"))
 
 
 def _positive(where: Path, field: str, value) -> None:

@@ -10,26 +10,36 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import onnxruntime as ort
 
 from .binding import Call
 from .generation import Row
 from .graph_info import GraphInfo
 from .kvcache import KVCache
 
+ALL_POSITIONS = 2**62  # logits_keep's value for logits at every position (a graph's own default)
+
 
 class Runner:
     def __init__(self, info: GraphInfo):
         self.info = info
+        # logits_keep's two values, made once: an overridable initializer binds only as an OrtValue
+        self._keep = {last: ort.OrtValue.ortvalue_from_numpy(np.array([1 if last else ALL_POSITIONS], np.int64))
+                      for last in (True, False)}
 
     def forward(self, call: Call, input_ids: np.ndarray, position_ids: np.ndarray, kv: KVCache,
-                attention_mask: np.ndarray | None = None) -> np.ndarray:
+                attention_mask: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
         """Logits [rows, seq, vocab]; a decode step's are the call's buffer, overwritten by its next step.
 
         ``attention_mask`` defaults to ones over the past and the new tokens (GroupQueryAttention graphs take
-        each row's length from its positions and never read it)."""
+        each row's length from its positions and never read it). ``last_only``: a prefill, which needs only the
+        last position's logits; graphs with a ``logits_keep`` input then return [rows, 1, vocab] and skip the LM
+        head for the other positions."""
         info = self.info
         binding = call.binding
         rows, seq = input_ids.shape
+        if info.logits_keep is not None:  # bound at every pass: the binding outlives it
+            binding.bind_ortvalue_input(info.logits_keep, self._keep[last_only])
         shared = info.shared_kv and kv.capacity > 0
         if attention_mask is None:
             past = int(position_ids.max()) + 1 - seq if shared else _past_length(kv)
@@ -86,7 +96,8 @@ def generate_alone(runner: Runner, call: Call, kv: KVCache, feed: list[int], row
     if info.shared_kv:  # room for the answer, up to a bound: a generous max_new_tokens is only a limit
         kv.reserve(info, total + min(row.sampling.max_new_tokens - 1, KV_RESERVE_AHEAD))
     t0 = time.perf_counter()
-    logits = runner.forward(call, np.asarray([feed], np.int64), np.arange(start, total, dtype=np.int64)[None], kv)
+    logits = runner.forward(call, np.asarray([feed], np.int64), np.arange(start, total, dtype=np.int64)[None], kv,
+                            last_only=True)
     row.prefill_ms = (time.perf_counter() - t0) * 1e3
     piece = row.accept(logits[0, -1])
     while True:
