@@ -151,7 +151,7 @@ class BatchEngine:
                     "prefilling": len(self._admitted) + (self._prefilling is not None),
                     "kv_reserved_tokens": self._reserved, "kv_budget_tokens": self.kv_budget,
                     "steps": self.steps, "rows_stepped": self.rows_stepped,
-                    "mixed_adapter_steps": self.mixed,
+                    "mixed_adapters_share_steps": self.mixed,
                     "joined_adapter_bytes": self._union[3] if self._union is not None else 0}
 
     def _cancel(self, request: Request) -> None:
