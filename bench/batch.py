@@ -155,6 +155,20 @@ def ttft_joining(model) -> float:
     return ms
 
 
+NOTES = """## What limits mixed-adapter steps, and what was tried
+
+- Rows of different adapters share a step through the per-row mask: every row computes every segment's
+  `x @ a` and `p @ b`, so the LoRA work of a step grows with the number of distinct adapters (rank 16 x 8
+  adapters = 128 rank components per slot at 8 rows), and an int8 `b` is cast to float at every step over all of
+  them. That is the gap between (a) and (b) and between (b) and the bare pass, which binds one rank-16 adapter.
+- A batch of one runs one `Mul` per slot or slot group more than before (the mask at its default) and hands its
+  tokens from the engine's thread to the caller's.
+- Not yet tried: gathering each row's own factors (per-row products instead of the mask, what Punica/SGMV kernels
+  do on GPUs), widening int8 `b` factors to fp32 once per batch change, onnxruntime settings for many-row
+  MatMulNBits.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=HERE / "work-decode")
@@ -218,7 +232,7 @@ def write(path: Path, bare, runs, one, ttft, rounds: int) -> None:
               "",
               f"A batch of one: {med(one['engine']):.2f} ms/token through the engine, {med(one['alone']):.2f} on its "
               f"own call in the same graph without the row mask, as exported before the engine "
-              f"({med(one['engine']) / med(one['alone']):.2f}x).", ""]
+              f"({med(one['engine']) / med(one['alone']):.2f}x).", "", NOTES]
     path.write_text("\n".join(lines))
     print("\n".join(lines))
 
