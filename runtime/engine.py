@@ -28,7 +28,7 @@ import onnxruntime as ort
 from edgelora.errors import BusyError, EdgeLoraError
 
 from .binding import BindingPool, Call
-from .generation import Generation, Row, TextStream
+from .generation import Row, TextStream
 from .kvcache import KVCache, KVRows
 from .row_adapters import graph_factors, row_mask, union_params
 
