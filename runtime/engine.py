@@ -105,7 +105,7 @@ class BatchEngine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._step: tuple | None = None  # (the decoding rows it was bound for, its call, its kv view)
+        self._step: tuple | None = None  # (the decoding rows it was bound for, its call, its kv view, its mask)
         self._union: tuple | None = None  # (segment labels, pool, width, bytes): the last joined adapters
         self.steps = 0
         self.rows_stepped = 0
@@ -262,8 +262,7 @@ class BatchEngine:
         return self._rows
 
     def _decode(self) -> None:
-        live = [r for r in self._decoding if not r.cancelled]
-        if len(live) != len(self._decoding):
+        if any(r.cancelled for r in self._decoding):
             for request in self._decoding:
                 if request.cancelled:
                     request.row.finish_reason = "cancelled"
@@ -299,6 +298,7 @@ class BatchEngine:
             self._step[1].close()
             self._step = None
         labels = [_label(r) for r in rows]
+        mask = None
         if len(set(labels)) == 1:
             call = self.model.call(rows[0].adapter)
         else:
@@ -313,16 +313,17 @@ class BatchEngine:
                                                              len(segments)))
             call.binding.bind_ortvalue_input(self.model.info.row_mask, mask)
         kv = self._kv_rows().view(0, len(rows))
-        self._step = (list(rows), call, kv)
+        self._step = (list(rows), call, kv, mask)  # the mask's memory lives as long as its binding uses it
         return call, kv
 
     def _union_pool(self, segments: list[str], residents: dict) -> tuple[BindingPool, int] | None:
         if not self.mixed:
             return None
         if self._union is not None and self._union[0] == segments:
-            return self._union[1], self._union[2]
+            return None if self._union[1] is None else (self._union[1], self._union[2])
         joined = union_params([residents[s].params for s in segments], self._factors, *self._codec)
-        if joined is None:
+        if joined is None:  # remembered, so rows that cannot join do not try again at every step
+            self._union = (segments, None, 0, 0)
             return None
         params, width = joined
         pool = BindingPool(self.model.session, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in params.items()})
