@@ -17,6 +17,8 @@ MultiHeadAttention (the rotary rewrite is skipped for them, which keeps GroupQue
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,11 +43,14 @@ def fuse_for_ort(proto: onnx.ModelProto, head_dim: int,
 
     names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    model = ir.from_proto(proto)
-    if head_dim % GQA_HEAD_MULTIPLE == 0:
-        rewrite(model, _rotary_angles_as_matmul())
-    model, counts = optimize_for_ort(model)
-    fused = ir.to_proto(model)
+    with tempfile.TemporaryDirectory(prefix="edgelora-fusion-") as spill:
+        model = _weights_on_disk(proto, Path(spill))
+        if head_dim % GQA_HEAD_MULTIPLE == 0:
+            rewrite(model, _rotary_angles_as_matmul())
+        model, counts = optimize_for_ort(model)
+        fused = ir.to_proto(model)
+        del model  # its memory maps of the spilled weights
+        onnx.load_external_data_for_model(fused, spill)
     counts["untied_lm_head"] = untie_lm_head(fused)
     counts["packed_qkv"] = pack_qkv(fused)
     counts["packed_matmuls"] = pack_shared_inputs(fused)
@@ -54,6 +59,22 @@ def fuse_for_ort(proto: onnx.ModelProto, head_dim: int,
     if got != names:
         raise EdgeLoraError("graph fusion changed the graph's inputs or outputs; export with fusion off")
     return fused, {k: v for k, v in counts.items() if v}
+
+
+def _weights_on_disk(proto: onnx.ModelProto, spill: Path):
+    """The graph as onnx_ir's model, its weights moved out of ``proto`` into a file under ``spill`` and mapped
+    from there.
+
+    onnxscript's passes take copies of the weights they look at, so a graph whose weights sit in memory grew
+    to several times the model's size during fusion (a 1B model did not fit in 24 GiB). Mapped from a file,
+    what the passes read is the page cache's, which the system can take back.
+    """
+    import onnx_ir as ir
+
+    path = spill / "traced.onnx"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="traced.onnx.data", size_threshold=1024)
+    return ir.load(path)
 
 
 def _rotary_angles_as_matmul():

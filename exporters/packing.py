@@ -26,6 +26,8 @@ from onnx import helper, numpy_helper
 from edgelora.format.manifest import SlotGroup
 from edgelora.format.slot_groups import factor_names, group_name, tiles
 
+from .initializers import replace_initializers
+
 
 @dataclass
 class Projection:
@@ -73,9 +75,7 @@ def _rebuild(graph: onnx.GraphProto, before: dict[int, tuple[list, list]], remov
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    replace_initializers(graph, {t.name for t in graph.initializer if t.name not in used}, new_inits)
 
 
 def _projection(name: str, producer: dict, inits: dict, uses: Counter) -> Projection | None:

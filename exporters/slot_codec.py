@@ -16,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgelora.errors import EdgeLoraError
 from edgelora.format.codec import encode, int4_block, param_names
 
+from .initializers import replace_initializers
+
 
 def _dims(value: onnx.ValueInfoProto) -> list:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
@@ -116,7 +118,6 @@ def encode_slots(proto: onnx.ModelProto, factor_inputs: list[str], dtype: str, b
     wanted = set(factor_inputs)
     kept_inputs = [v for v in graph.input if v.name not in wanted]
     replaced = [v for v in graph.input if v.name in wanted]
-    kept_inits = [t for t in graph.initializer if t.name not in wanted]
     new_inputs, new_nodes, new_inits, int8_factors = [], [], [], {}
     for value in replaced:
         inputs, nodes, defaults, int8 = dequant_nodes(value, dtype, block)
@@ -129,8 +130,7 @@ def encode_slots(proto: onnx.ModelProto, factor_inputs: list[str], dtype: str, b
         new_inits += [numpy_helper.from_array(v, k) for k, v in CONSTANTS.items()]
     del graph.input[:]
     graph.input.extend(kept_inputs + new_inputs)
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits + new_inits)
+    replace_initializers(graph, wanted, new_inits)
     old_nodes = _int8_products(list(graph.node), int8_factors)
     del graph.node[:]
     graph.node.extend(new_nodes + old_nodes)
