@@ -86,7 +86,8 @@ def build_llamacpp(cache: Path) -> Path:
           flush=True)
     nice = ["nice", "-n", "15"]
     subprocess.run([*nice, "cmake", "-S", str(src), "-B", str(cache / "build"), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"], check=True, capture_output=True)
     subprocess.run([*nice, "cmake", "--build", str(cache / "build"), "-j2", "--target", *TARGETS], check=True)
     return bin_dir
 
