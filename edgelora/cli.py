@@ -196,16 +196,21 @@ def inspect(package):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop when this text appears; repeatable.")
+@click.option("--truncate", is_flag=True,
+              help="Drop the prompt's oldest tokens where it and --max-new-tokens would pass the model's context.")
 @click.option("--stats", is_flag=True, help="Print prefill and decode timings to stderr.")
-def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, stats):
+def generate(package, prompt, adapters, max_new_tokens, temperature, top_k, top_p, seed, stop, truncate, stats):
     """Generate text from PACKAGE with the chosen adapter, streaming to stdout."""
     adapter = parse_generate_adapters(adapters)
     model = EdgeModel.open(package)
     pieces = model.stream(prompt, adapter=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stop=list(stop))
+                          top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), truncate=truncate)
     for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+    if pieces.result.prompt_tokens_dropped:
+        click.echo(f"note: the prompt's first {pieces.result.prompt_tokens_dropped} tokens were dropped to fit the "
+                   "model's context", err=True)
     if stats:
         r = pieces.result
         click.echo(f"prompt {r.prompt_tokens} tokens, prefill {r.prefill_ms:.1f} ms, {len(r.token_ids)} new tokens, "

@@ -24,6 +24,7 @@ class Generation:
     prompt_tokens: int
     prefill_ms: float
     decode_ms: float
+    prompt_tokens_dropped: int = 0  # the oldest prompt tokens left out to fit the context (``truncate``)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -36,8 +37,9 @@ class Row:
     waits for its other bytes."""
 
     def __init__(self, prompt_ids: list[int], sampling: SamplingParams, decode: Callable[[list[int]], str],
-                 eos: frozenset[int]):
+                 eos: frozenset[int], dropped: int = 0):
         self.prompt_ids = prompt_ids
+        self.dropped = dropped
         self.sampling = sampling
         self.picker = sampling.picker()
         self.decode = decode
@@ -89,7 +91,8 @@ class Row:
 
     def result(self) -> Generation:
         return Generation(text=self.text, token_ids=list(self.token_ids), finish_reason=self.finish_reason or "length",
-                          prompt_tokens=len(self.prompt_ids), prefill_ms=self.prefill_ms, decode_ms=self.decode_ms)
+                          prompt_tokens=len(self.prompt_ids), prefill_ms=self.prefill_ms, decode_ms=self.decode_ms,
+                          prompt_tokens_dropped=self.dropped)
 
 
 class TextStream:

@@ -264,21 +264,34 @@ class EdgeModel(EncoderTasks):
         limit = self.info.max_positions
         if limit is not None and prompt_tokens + sampling.max_new_tokens > limit:
             raise EdgeLoraError(f"a prompt of {prompt_tokens} tokens plus max_new_tokens={sampling.max_new_tokens} "
-                                f"is past the model's context of {limit} positions; shorten the prompt or lower "
-                                "max_new_tokens")
+                                f"is past the model's context of {limit} positions; shorten the prompt, lower "
+                                "max_new_tokens, or ask for truncate=True (`--truncate`)")
+
+    def fit_context(self, prompt_ids: list[int], sampling: SamplingParams) -> tuple[list[int], int]:
+        """(the prompt to feed, how many of its oldest tokens were dropped): only ``sampling.truncate`` drops any,
+        and never the whole prompt."""
+        limit = self.info.max_positions
+        over = 0 if limit is None else len(prompt_ids) + sampling.max_new_tokens - limit
+        if over <= 0:
+            return prompt_ids, 0
+        if not sampling.truncate:
+            self.check_context(len(prompt_ids), sampling)
+        if over >= len(prompt_ids):
+            raise EdgeLoraError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for a prompt in the "
+                                f"model's context of {limit} positions; lower max_new_tokens")
+        return prompt_ids[over:], over
 
     def stream(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-               stop: list[str] | str | None = None, ignore_eos: bool = False,
+               stop: list[str] | str | None = None, ignore_eos: bool = False, truncate: bool = False,
                sampling: SamplingParams | None = None) -> TextStream:
         """Iterate for the new text piece by piece; ``.result`` holds the whole Generation at the end, and
         ``.close()`` cancels. ``sampling``, when given, replaces the keyword settings."""
         self._require_task("stream", "causal-lm")
         if sampling is None:
-            sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or (), ignore_eos)
-        prompt_ids = self.encode(prompt)
-        self.check_context(len(prompt_ids), sampling)
-        row = Row(prompt_ids, sampling, self.decode, self.info.eos_token_ids)
+            sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or (), ignore_eos, truncate)
+        prompt_ids, dropped = self.fit_context(self.encode(prompt), sampling)
+        row = Row(prompt_ids, sampling, self.decode, self.info.eos_token_ids, dropped)
         engine = self.engine
         if engine is not None:
             return engine.submit(prompt_ids, adapter, row)
@@ -287,12 +300,12 @@ class EdgeModel(EncoderTasks):
 
     def generate(self, prompt, adapter=None, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: list[str] | str | None = None, ignore_eos: bool = False,
+                 stop: list[str] | str | None = None, ignore_eos: bool = False, truncate: bool = False,
                  sampling: SamplingParams | None = None) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""
         self._require_task("generate", "causal-lm")
         text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos,
-                                  sampling)
+                                  truncate, sampling)
         for _ in text_stream:
             pass
         return text_stream.result

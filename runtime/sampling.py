@@ -13,7 +13,9 @@ from edgelora.errors import EdgeLoraError
 @dataclass(frozen=True)
 class SamplingParams:
     """Greedy unless ``temperature`` > 0; ``stop`` strings end the answer before them; ``ignore_eos`` runs all
-    ``max_new_tokens`` steps, so timings measure a fixed amount of work."""
+    ``max_new_tokens`` steps, so timings measure a fixed amount of work. ``truncate``: where the prompt plus
+    ``max_new_tokens`` would pass the model's context, drop the prompt's oldest tokens (the result says how many)
+    instead of refusing the request."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -22,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    truncate: bool = False
 
     def __post_init__(self):
         _whole("max_new_tokens", self.max_new_tokens, 1)
@@ -37,6 +40,7 @@ class SamplingParams:
             raise EdgeLoraError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+        object.__setattr__(self, "truncate", bool(self.truncate))
 
     def picker(self) -> "TokenPicker":
         return TokenPicker(self)

@@ -184,6 +184,21 @@ def test_a_prompt_past_the_context_is_refused(llama_fp32):
         model.chat().send("y" * 500, max_new_tokens=20)
 
 
+@pytest.mark.parametrize("batching", [True, False])
+def test_truncate_keeps_the_newest_prompt_tokens_that_fit(llama_fp32, batching):
+    """Asked for, a long prompt loses its oldest tokens: the answer is the answer to the tokens that are kept."""
+    model = EdgeModel.open(llama_fp32, batching=batching)
+    prompt = [5 + i % 40 for i in range(600)]
+    got = model.generate(prompt, max_new_tokens=12, truncate=True, ignore_eos=True)
+    assert (got.prompt_tokens, got.prompt_tokens_dropped) == (500, 100)
+    kept = model.generate(prompt[100:], max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids == kept.token_ids and kept.prompt_tokens_dropped == 0
+    short = model.generate(prompt[:20], max_new_tokens=12, truncate=True)
+    assert short.prompt_tokens_dropped == 0
+    with pytest.raises(EdgeLoraError, match="max_new_tokens=512 leaves no room for a prompt"):
+        model.generate(prompt, max_new_tokens=512, truncate=True)
+
+
 def test_bad_batch_settings_are_one_line_errors(llama_fp32):
     with pytest.raises(EdgeLoraError, match="max_batch must be a whole number >= 1, got 0"):
         BatchSettings(max_batch=0)

@@ -41,6 +41,12 @@ def test_bad_inputs_are_one_line_with_exit_2(llama, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_generate_truncates_a_long_prompt_when_asked_and_says_so(llama):
+    code, text, err = run_cli("generate", llama.package, "--prompt", "x" * 3000, "--max-new-tokens", "4", "--truncate")
+    assert code == 0, err
+    assert "note: the prompt's first 2493 tokens were dropped to fit the model's context" in err
+
+
 def test_bench_measures_each_adapter_against_the_base(llama):
     import json
 

@@ -446,6 +446,17 @@ def metric(server: LiveServer, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def test_a_prompt_past_the_context_is_refused_or_truncated_on_request(server, model):
+    client = server.client(KEYS["alice"])
+    prompt = [5 + i % 40 for i in range(600)]
+    with pytest.raises(openai.BadRequestError, match="past the model's context of 512 positions"):
+        client.completions.create(model="plain", prompt=prompt, max_tokens=8, temperature=0)
+    reply = client.completions.create(model="plain", prompt=prompt, max_tokens=8, temperature=0,
+                                      extra_body={"truncate": True})
+    expected = model.generate(prompt[-504:], adapter="plain", max_new_tokens=8)
+    assert reply.choices[0].text == expected.text and reply.usage.prompt_tokens == 504
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server, caplog):
     steps = metric(server, "edgelora_decode_steps_total")
     with caplog.at_level(logging.INFO, logger="edgelora.server.access"):

@@ -131,7 +131,7 @@ async def begin_generation(server: Server, request: Request, tenant: Tenant, bod
     return await GenerationRun.start(
         server.model, prompt, adapter, body.model, arrived, max_new_tokens=max_new_tokens,
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stops(),
-        ignore_eos=body.ignore_eos)
+        ignore_eos=body.ignore_eos, truncate=body.truncate)
 
 
 def finish(server: Server, request: Request, tenant: Tenant, run: GenerationRun):

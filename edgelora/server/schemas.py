@@ -43,6 +43,7 @@ class Sampling(Request):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     ignore_eos: bool = False  # an extension, as vLLM's: runs all max_tokens steps
+    truncate: bool = False  # an extension: drop the prompt's oldest tokens where it would pass the context
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
     user: str | None = None
