@@ -156,29 +156,6 @@ def ttft_joining(model) -> float:
     return ms
 
 
-NOTES = """## What limits mixed-adapter steps, and what was tried
-
-- Rows of different adapters share a step through the per-row mask: every row computes every segment's
-  `x @ a` and `p @ b`, so the LoRA work of a step grows with the number of distinct adapters (rank 16 x 8
-  adapters = 128 rank components per slot at 8 rows), and an int8 `b` is cast to float at every step over all of
-  them. That is the gap between (a) and (b) and between (b) and the bare pass, which binds one rank-16 adapter.
-  In an onnxruntime profile of 8-row steps, (b) spent 7.7 ms more than (a) per step: `MatMul` +4.0, `Cast` +2.6,
-  `DynamicQuantizeMatMul` +1.1.
-- The bytes set a bound too: the base reads about 84 MB per step and each int8 adapter 4.9 MB, so eight different
-  adapters add 39 MB (47%) to a step whatever the kernels, where the bare pass adds 4.9.
-- Tried: computing `p @ b` with `DynamicQuantizeMatMul` instead of widening `b`: (b) at 8 rows 354 -> 421 tokens/s
-  and one row 8% faster, but rounding `p` to 8 bits with one scale for the whole tensor moved the logits by 3.6% of
-  the adapter's own effect on them (mean absolute); not adopted.
-- Not possible within the format: widening an int8 `b` once per batch change needs a float graph input for `b`,
-  while the graph's input must keep the blob's int8 type for plain onnxruntime to run the `.onnx_adapter`.
-- A batch of one costs what a call on the graph without the mask costs (the mask's `Mul` per slot is within the
-  noise of 10 interleaved generations).
-- Not yet tried: gathering each row's own factors (per-row products instead of the mask, what Punica/SGMV kernels
-  do on GPUs; onnxruntime's CPU ops offer batched products but no per-row int8 scales), onnxruntime settings for
-  many-row MatMulNBits.
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=HERE / "work-decode")
@@ -242,9 +219,9 @@ def write(path: Path, bare, runs, one, ttft, rounds: int) -> None:
     lines += ["", f"Time to first token of a request joining eight running rows: {med(ttft):.0f} ms (median).",
               "",
               f"A batch of one ({len(one['engine'])} interleaved generations each): {med(one['engine']):.2f} ms/token "
-              f"through the engine, {med(one['alone']):.2f} on its own call in the same graph without the row mask, as exported before the engine "
-              f"({med(one['engine']) / med(one['alone']):.2f}x).", "", NOTES]
-    path.write_text("\n".join(lines))
+              f"through the engine, {med(one['alone']):.2f} on its own call in the same graph without the row mask, "
+              f"as exported before the engine ({med(one['engine']) / med(one['alone']):.2f}x).", ""]
+    decode.write_results(path, "\n".join(lines))
     print("\n".join(lines))
 
 

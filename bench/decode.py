@@ -455,6 +455,16 @@ def busy_report(rows: dict, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+HAND_NOTES = "<!-- notes below are written by hand and kept when the harness rewrites the tables above -->"
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write a harness's tables over ``path``, keeping what was written by hand below ``HAND_NOTES``: measured
+    history and analysis belong beside the numbers, not in the harness's code."""
+    kept = path.read_text().partition(HAND_NOTES)[2] if path.exists() else ""
+    path.write_text(text + "\n" + HAND_NOTES + kept)
+
+
 def machine_load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cores"

@@ -113,7 +113,6 @@ def summary(rows: dict) -> dict:
     }
 
 
-NOTES = "<!-- notes below are written by hand and kept when the harness rewrites the tables above -->"
 OVERHEAD_TARGET = {"135m": None, "0.5b": 0.10, "1b": 0.06}
 
 
@@ -225,7 +224,6 @@ def write(root: Path, results: Path, sizes: list[str], rounds: int, reps: int, b
     (root / "sweep.json").write_text(json.dumps(rows))
     text, sums = report(root, rows, builds, rounds, command, f"{load} at the start, {decode.machine_load()} at the end")
     plot(sums, results.with_name("sizes.png"))
-    kept = results.read_text().partition(NOTES)[2] if results.exists() else ""
-    results.write_text(text + "\n" + NOTES + kept)
+    decode.write_results(results, text)
     print(text)
 

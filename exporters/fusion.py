@@ -43,7 +43,7 @@ def fuse_for_ort(proto: onnx.ModelProto, head_dim: int,
 
     names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="edgelora-fusion-") as spill:
+    with tempfile.TemporaryDirectory(prefix="edgelora-fusion-", ignore_cleanup_errors=True) as spill:
         model = _weights_on_disk(proto, Path(spill))
         if head_dim % GQA_HEAD_MULTIPLE == 0:
             rewrite(model, _rotary_angles_as_matmul())
