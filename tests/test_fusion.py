@@ -290,6 +290,7 @@ def test_rewriting_initializers_does_not_copy_the_weights_that_stay():
     graph = helper.make_graph([], "g", [], [], initializer=[weight, numpy_helper.from_array(np.zeros(2), "old")])
     before = _anon_mb()
     for i in range(4):
-        replace_initializers(graph, {"old" if i == 0 else f"new{i - 1}"}, [numpy_helper.from_array(np.zeros(2), f"new{i}")])
+        dropped = "old" if i == 0 else f"new{i - 1}"
+        replace_initializers(graph, {dropped}, [numpy_helper.from_array(np.zeros(2), f"new{i}")])
     assert [t.name for t in graph.initializer] == ["big", "new3"]
     assert _anon_mb() - before < 100  # rebuilding the list took 256 MB per rewrite
