@@ -14,7 +14,7 @@ import numpy as np
 
 from edgelora.errors import EdgeLoraError
 from edgelora.format.factors import AdapterFactors, ModuleFactors
-from edgelora.format.fileio import read_json_object
+from edgelora.format.fileio import read_object
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -34,7 +34,7 @@ _MERGE_ONLY = (
 
 def read_config(folder: Path) -> dict:
     path = folder / CONFIG
-    config = read_json_object(path, f"missing; {folder} is not a PEFT adapter folder")
+    config = read_object(path, f"missing; {folder} is not a PEFT adapter folder")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise EdgeLoraError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA is")

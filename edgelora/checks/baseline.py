@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgelora import __version__
 from edgelora.errors import EdgeLoraError
-from edgelora.format.fileio import read_json_object, write_text_atomic
+from edgelora.format.fileio import read_object, write_text_atomic
 
 from .budget import LATENCY_METRICS, LatencySettings
 
@@ -33,7 +33,7 @@ def load_baseline(path: str | Path, settings: LatencySettings, adapter: str | No
                   needed: list[str]) -> dict[str, float]:
     """The baseline's metrics; refuses a file measured on other work or lacking a metric a budget needs."""
     path = Path(path)
-    data = read_json_object(path, "baseline file not found (write one with --save-baseline)")
+    data = read_object(path, "baseline file not found (write one with --save-baseline)")
     if data.get("format") != FORMAT or not isinstance(data.get("metrics"), dict):
         raise EdgeLoraError(f"{path}: not an edgelora baseline (expected \"format\": \"{FORMAT}\" and \"metrics\")")
     expected = _work(settings, adapter)

@@ -7,11 +7,11 @@ the regression it was written to catch through CI.
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.errors import EdgeLoraError
+from edgelora.format.fileio import read_object
 from edgelora.units import format_value, parse_size
 
 # metric -> unit; the latency metrics a budget, a relative budget and a baseline may name
@@ -100,12 +100,7 @@ class Result:
 
 def load_budgets(path: str | Path) -> Budgets:
     path = Path(path)
-    if not path.is_file():
-        raise EdgeLoraError(f"{path}: budget file not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid TOML ({e})") from None
+    raw = read_object(path, "budget file not found", "TOML")
     parser = _Parser(path)
     parser.known("", raw, ("size", "latency", "relative", "quality"))
     budgets = Budgets(path)

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import tempfile
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,16 +32,21 @@ def check_name(name: str, what: str = "adapter name") -> str:
     return name
 
 
-def read_json_object(path: Path, missing: str) -> dict:
-    """A JSON object from ``path``; a missing file, bad JSON or a non-object each end in one line naming it."""
+_PARSERS = {"JSON": (json.loads, json.JSONDecodeError), "TOML": (tomllib.loads, tomllib.TOMLDecodeError)}
+
+
+def read_object(path: Path, missing: str, kind: str = "JSON") -> dict:
+    """A JSON (or TOML) object from ``path``; a missing file, a bad document or a non-object each end in one
+    line naming it."""
+    parse, error = _PARSERS[kind]
     if not path.is_file():
         raise EdgeLoraError(f"{path}: {missing}")
     try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeLoraError(f"{path}: not valid JSON ({e})") from None
+        raw = parse(path.read_text())
+    except (UnicodeDecodeError, error) as e:
+        raise EdgeLoraError(f"{path}: not valid {kind} ({e})") from None
     if not isinstance(raw, dict):
-        raise EdgeLoraError(f"{path}: expected a JSON object")
+        raise EdgeLoraError(f"{path}: expected a {kind} object")
     return raw
 
 

@@ -12,7 +12,7 @@ from typing import Union, get_args, get_origin, get_type_hints
 from edgelora import __version__
 from edgelora.errors import EdgeLoraError
 
-from .fileio import check_name, read_json_object, write_text_atomic
+from .fileio import check_name, read_object, write_text_atomic
 
 FILENAME = "edgelora.json"
 FORMAT_VERSION = 3  # 2: slot groups; 3: int8 b as plain integers, its scales in a's (fp32)
@@ -106,7 +106,7 @@ def load_manifest(package: str | os.PathLike) -> Manifest:
     path = Path(package) / FILENAME
     if not Path(package).is_dir():
         raise EdgeLoraError(f"{package}: not a package directory")
-    raw = read_json_object(path, f"missing; is {package} an edgelora package?")
+    raw = read_object(path, f"missing; is {package} an edgelora package?")
     version = raw.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise EdgeLoraError(f"{path}: format_version is missing or not an integer")

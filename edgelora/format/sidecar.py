@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgelora.errors import EdgeLoraError
 
-from .fileio import read_json_object, write_text_atomic
+from .fileio import read_object, write_text_atomic
 
 
 def sidecar_path(blob: str | os.PathLike) -> Path:
@@ -32,7 +32,7 @@ def read_sidecar(blob: str | os.PathLike) -> dict | None:
     path = sidecar_path(blob)
     if not path.is_file():
         return None
-    raw = read_json_object(path, "missing")
+    raw = read_object(path, "missing")
     if not isinstance(raw.get("base_fingerprint"), str):
         raise EdgeLoraError(f"{path}: expected a JSON object with a base_fingerprint string")
     return raw

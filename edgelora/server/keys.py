@@ -18,11 +18,11 @@ import hashlib
 import re
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.errors import EdgeLoraError
+from edgelora.format.fileio import read_object
 
 from .api_errors import ApiError
 
@@ -99,12 +99,7 @@ class KeyRing:
     @classmethod
     def load(cls, path: str | Path) -> "KeyRing":
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise EdgeLoraError(f"{path}: keys file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise EdgeLoraError(f"{path}: not valid TOML ({e})") from None
+        raw = read_object(path, "keys file not found", "TOML")
         unknown = sorted(set(raw) - {"key"})
         if unknown:
             raise EdgeLoraError(f"{path}: unknown table {unknown[0]!r}; keys are [[key]] tables")
