@@ -143,8 +143,10 @@ class EdgeModel(EncoderTasks):
         self.registry.resolve(name)
         return name
 
-    def unload_adapter(self, name: str) -> None:
-        self.registry.unload(name)
+    def unload_adapter(self, name: str, unregister: bool = True) -> None:
+        """Free an adapter's memory; an adapter loaded from a path is also forgotten unless ``unregister`` is
+        False, in which case its next use loads it again."""
+        self.registry.unload(name, unregister)
 
     def pin(self, adapter) -> str:
         """Keep a tenant's adapter (or composition) resident past any eviction; returns its stats label."""

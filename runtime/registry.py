@@ -144,13 +144,14 @@ class AdapterRegistry:
                 raise EdgeLoraError(f"adapter {key} is not pinned")
             self._pinned.discard(key)
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, unregister: bool = True) -> None:
+        """Drop an adapter from memory; ``unregister`` also forgets the path an adapter was loaded from."""
         with self._lock:
             if name not in self._resident and name not in self.paths:
                 raise EdgeLoraError(f"adapter {name} is not loaded")
             self._resident.pop(name, None)
             self._pinned.discard(name)
-            if name in self.paths:
+            if unregister and name in self.paths:
                 del self.paths[name]
                 self._forget(name)
 

@@ -132,6 +132,22 @@ def test_adapter_loaded_from_a_path_is_shape_checked(llama, tmp_path):
         model.load_adapter(tmp_path / "bad.onnx_adapter")
 
 
+def test_unloading_a_path_adapter_can_keep_it_registered(llama):
+    """Ray's replicas free an evicted upload's memory while a request for it may be on its way: it must stay
+    known, and load again on its next use."""
+    from edgelora.errors import UnknownAdapterError
+
+    model = EdgeModel.open(llama.package, batching=False)
+    model.load_adapter(llama.package / "adapters/rs.onnx_adapter", name="copy")
+    want = model.logits([1, 2, 3], adapter="copy")
+    model.unload_adapter("copy", unregister=False)
+    assert "copy" not in model.stats()["resident"] and "copy" in model.adapters
+    np.testing.assert_array_equal(model.logits([1, 2, 3], adapter="copy"), want)
+    model.unload_adapter("copy")
+    with pytest.raises(UnknownAdapterError, match="unknown adapter 'copy'"):
+        model.logits([1, 2, 3], adapter="copy")
+
+
 def test_memory_budget_evicts_least_recently_used(llama):
     sizes = {n: (llama.package / f"adapters/{n}.onnx_adapter").stat().st_size for n in ("plain", "rs", "patterns")}
     budget = sizes["rs"] + sizes["patterns"]

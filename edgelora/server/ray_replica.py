@@ -160,7 +160,7 @@ class WarmAdapter:
         replica.warm.discard(self.key)
         with suppress(EdgeLoraError):  # its upload was deleted, or replaced and not requested since
             replica.model.unpin(self.spec)
+        # its memory only: a request that registered the upload may still be on its way to the runtime, and
+        # unregistering it here answered that request "unknown adapter"
         with suppress(EdgeLoraError):  # already evicted by the memory budget, or its upload was deleted
-            replica.model.unload_adapter(self.key)
-        if isinstance(self.spec, str):
-            replica.uploads.pop(self.key, None)  # unloading an uploaded adapter unregistered it
+            replica.model.unload_adapter(self.key, unregister=False)
