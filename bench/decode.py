@@ -135,23 +135,32 @@ def prompt_ids(length: int = PROMPT_TOKENS) -> list[int]:
 # workers: one system per process, so RSS is the system's own
 
 
-def worker_edgelora(package: Path, adapter: str | None, reps: int, spin_us: int | None = None,
-                    long_prompt: int = 0) -> dict:
-    """Prefill and decode of the 32-token prompt ``reps`` times; with ``long_prompt``, that many tokens' prefill
-    too (``prefill_long_ms``)."""
+def worker_edgelora(package: Path, adapters: list[str | None], reps: int, spin_us: int | None = None,
+                    long_prompt: int = 0) -> list[dict]:
+    """Per adapter (None: none), prefill and decode of the 32-token prompt ``reps`` times; with ``long_prompt``,
+    that many tokens' prefill too (``prefill_long_ms``). Several adapters take turns generation by generation in
+    the one model, so that a load swing of the machine hits them alike."""
     from edgelora.runtime import EdgeModel
 
     spin = {} if spin_us is None else {"spin_us": spin_us}
     model = EdgeModel.open(package, intra_op_threads=THREADS, **spin)
     ids = prompt_ids()
-    model.generate(ids, adapter=adapter, max_new_tokens=4, ignore_eos=True)
-    runs = [model.generate(ids, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True) for _ in range(reps)]
-    result = {"prefill_ms": [r.prefill_ms for r in runs], "decode_ms": [r.decode_ms_per_token for r in runs],
-              "tokens": runs[0].token_ids}
+    for adapter in adapters:
+        model.generate(ids, adapter=adapter, max_new_tokens=4, ignore_eos=True)
+
+    def turns(prompt: list[int], new_tokens: int) -> list[list]:
+        runs = [[] for _ in adapters]
+        for _ in range(reps):
+            for i, adapter in enumerate(adapters):
+                runs[i].append(model.generate(prompt, adapter=adapter, max_new_tokens=new_tokens, ignore_eos=True))
+        return runs
+
+    results = [{"prefill_ms": [r.prefill_ms for r in runs], "decode_ms": [r.decode_ms_per_token for r in runs],
+                "tokens": runs[0].token_ids} for runs in turns(ids, NEW_TOKENS)]
     if long_prompt:
-        result["prefill_long_ms"] = [model.generate(prompt_ids(long_prompt), adapter=adapter, max_new_tokens=1,
-                                                    ignore_eos=True).prefill_ms for _ in range(reps)]
-    return result
+        for result, runs in zip(results, turns(prompt_ids(long_prompt), 1)):
+            result["prefill_long_ms"] = [r.prefill_ms for r in runs]
+    return results
 
 
 def worker_genai(folder: Path, reps: int, long_prompt: int = 0) -> dict:
@@ -266,31 +275,48 @@ LABELS = {
 
 
 def run_worker(args) -> None:
+    """Prints the results of ``--worker``: one system, or several joined by ``+`` that share one process (one
+    edgelora model, or one llama.cpp server), keyed by system."""
     import llamacpp
 
     work = Path(args.work)
+    names = args.worker.split("+")
     if args.worker == "swap":
-        result = worker_swap(work)
-    elif args.worker in llamacpp.SYSTEMS:
-        result = llamacpp.worker(work, llamacpp.SYSTEMS[args.worker], args.reps, args.long_prompt)
+        results = [worker_swap(work)]
+    elif all(name in llamacpp.SYSTEMS for name in names):
+        results = llamacpp.worker(work, [llamacpp.SYSTEMS[name] for name in names], args.reps, args.long_prompt)
     else:
-        kind, folder, adapter, spin_us = SYSTEMS[args.worker]
+        unknown = [name for name in names if name not in SYSTEMS]
+        if unknown:
+            sys.exit(f"unknown system(s): {', '.join(unknown)}")
+        specs = [SYSTEMS[name] for name in names]
+        kind, folder, _, spin_us = specs[0]
+        if len(names) > 1 and (kind != "edgelora" or any((s[0], s[1], s[3]) != (kind, folder, spin_us) for s in specs)):
+            sys.exit(f"{args.worker}: only edgelora rows of one package (or llama.cpp rows of one server) share a "
+                     "process")
         if kind == "edgelora":
-            result = worker_edgelora(work / folder, adapter, args.reps, spin_us, args.long_prompt)
+            results = worker_edgelora(work / folder, [spec[2] for spec in specs], args.reps, spin_us, args.long_prompt)
         elif kind == "genai":
-            result = worker_genai(work / folder, args.reps, args.long_prompt)
+            results = [worker_genai(work / folder, args.reps, args.long_prompt)]
         else:
-            result = worker_torch(work, args.reps)
-    result.setdefault("rss_mb", peak_rss_bytes() / 2**20)
-    print(json.dumps(result))
+            results = [worker_torch(work, args.reps)]
+    for result in results:
+        result.setdefault("rss_mb", peak_rss_bytes() / 2**20)
+    print(json.dumps(dict(zip(names, results))))
+
+
+def measure_together(work: Path, systems: list[str], reps: int, long_prompt: int = 0) -> dict[str, dict]:
+    """Each system's results from one worker process in which their generations take turns (``run_worker``)."""
+    worker = "+".join(systems)
+    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", worker, "--reps", str(reps),
+                          "--long-prompt", str(long_prompt)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{worker} in {work} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(work: Path, system: str, reps: int, long_prompt: int = 0) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--work", str(work), "--worker", system, "--reps", str(reps),
-                          "--long-prompt", str(long_prompt)], capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"{system} in {work} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_together(work, [system], reps, long_prompt)[system]
 
 
 def copy_bandwidth() -> float:

@@ -244,26 +244,37 @@ class Server:
             raise ServerError(f"request failed ({e}); server {state}; {self.tail()}") from None
 
 
-def worker(work: Path, system: System, reps: int, long_prompt: int = 0) -> dict:
-    """The decode worker's result for one llama.cpp row; RSS is the server's."""
+def worker(work: Path, systems: list[System], reps: int, long_prompt: int = 0) -> list[dict]:
+    """The decode worker's results for llama.cpp rows that one server serves (the same base, adapter and repack
+    setting; scales may differ), their requests taking turns; RSS is the server's."""
     from decode import NEW_TOKENS, THREADS, prompt_ids
 
+    system = systems[0]
+    if any((s.base, s.lora, s.force_no_repack) != (system.base, system.lora, system.force_no_repack) for s in systems):
+        sys.exit("llama.cpp rows share a server only with the same base, adapter and repack setting")
     setup = json.loads((work / "llamacpp/setup.json").read_text())
     repack = setup["repack"][system.base] and not system.force_no_repack
     lora = None if system.lora is None else work / "llamacpp" / f"lora-{system.lora}.gguf"
-    scale = None if lora is None else system.scale
+    scales = [None if lora is None else s.scale for s in systems]
     log = work / "llamacpp" / "server.log"
     with Server(Path(setup["bin_dir"]), work / "llamacpp" / f"base-{system.base}.gguf", lora, repack, log,
                 THREADS) as server:
-        ids = prompt_ids()
-        server.complete(ids, 4, scale)
-        runs = [server.complete(ids, NEW_TOKENS, scale) for _ in range(reps)]
-        result = {"prefill_ms": [r["timings"]["prompt_ms"] for r in runs],
-                  "decode_ms": [r["timings"]["predicted_per_token_ms"] for r in runs],
-                  "tokens": runs[0].get("tokens", []), "repack": repack}
-        if long_prompt:
-            result["prefill_long_ms"] = [server.complete(prompt_ids(long_prompt), 1, scale)["timings"]["prompt_ms"]
-                                         for _ in range(reps)]
-        result["rss_mb"] = server.peak_rss_mb()
-    return result
+        def turns(prompt: list[int], new_tokens: int) -> list[list[dict]]:
+            runs = [[] for _ in scales]
+            for _ in range(reps):
+                for i, scale in enumerate(scales):
+                    runs[i].append(server.complete(prompt, new_tokens, scale))
+            return runs
 
+        ids = prompt_ids()
+        for scale in scales:
+            server.complete(ids, 4, scale)
+        results = [{"prefill_ms": [r["timings"]["prompt_ms"] for r in runs],
+                    "decode_ms": [r["timings"]["predicted_per_token_ms"] for r in runs],
+                    "tokens": runs[0].get("tokens", []), "repack": repack} for runs in turns(ids, NEW_TOKENS)]
+        if long_prompt:
+            for result, runs in zip(results, turns(prompt_ids(long_prompt), 1)):
+                result["prefill_long_ms"] = [r["timings"]["prompt_ms"] for r in runs]
+        for result in results:
+            result["rss_mb"] = server.peak_rss_mb()
+    return results

@@ -117,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         package, adapter = args.worker
-        result = decode.worker_edgelora(Path(package), None if adapter == "-" else adapter, args.reps)
+        result = decode.worker_edgelora(Path(package), [None if adapter == "-" else adapter], args.reps)[0]
         print(json.dumps(result))
         return
     work = Path(args.work)

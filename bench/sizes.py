@@ -3,9 +3,9 @@
 
 Per size a Llama with that shape (random weights, tied embeddings) and one rank-16 adapter on all seven projections,
 in ``WORK/SIZE``; each package exported once, one export at a time, with its wall seconds and peak RSS. Then rounds
-in which every system of every size runs once in its own process (the systems of a size back to back, so their
-ratios share the machine's load): prefill of a 32-token and of a 512-token prompt, decode ms/token over 64 new
-tokens, peak RSS. Writes ``RESULTS-sizes.md`` and ``sizes.png``.
+in which every system of every size runs once in its own process (a system with and without its adapter in the same
+one, their generations taking turns; the systems of a size back to back, so their ratios share the machine's load):
+prefill of a 32-token and of a 512-token prompt, decode ms/token over 64 new tokens, peak RSS. Writes ``RESULTS-sizes.md`` and ``sizes.png``.
 """
 
 from __future__ import annotations
@@ -56,29 +56,32 @@ def prepare(root: Path, sizes: list[str], cache: Path, skip_exports: tuple[str, 
     return builds
 
 
-def systems(root: Path, size: str) -> list[str]:
-    """The rows of a size; the forced ``--no-repack`` row only where the default repacking runs (else the main
-    llama.cpp rows already are without it)."""
+def systems(root: Path, size: str) -> list[list[str]]:
+    """The rows of a size, in the groups that share a worker process: each system with its adapter and without
+    it, so that the adapter's overhead is measured generation by generation in one model (one server); the forced
+    ``--no-repack`` row only where the default repacking runs (else the main llama.cpp rows already are without
+    it)."""
     work = root / size
     repack = json.loads((work / "llamacpp/setup.json").read_text())["repack"]["q4_0"]
-    edgelora = [EDGELORA, NO_ADAPTER] if (work / "edgelora-int4/edgelora.json").exists() else []
-    genai = [GENAI] if (work / "genai-int4/genai_config.json").exists() else []
-    return edgelora + genai + [LLAMA, LLAMA_NONE] + ([LLAMA_NOREPACK] if repack else [])
+    edgelora = [[EDGELORA, NO_ADAPTER]] if (work / "edgelora-int4/edgelora.json").exists() else []
+    genai = [[GENAI]] if (work / "genai-int4/genai_config.json").exists() else []
+    return edgelora + genai + [[LLAMA, LLAMA_NONE]] + ([[LLAMA_NOREPACK]] if repack else [])
 
 
 def sweep(root: Path, sizes: list[str], rounds: int, reps: int) -> dict[str, dict]:
     """Per size, per system: the per-round medians of prefill (32 and 512 tokens), decode, RSS."""
+    groups = {size: systems(root, size) for size in sizes}
     rows = {size: {k: {"prefill_ms": [], "prefill_long_ms": [], "decode_ms": [], "rss_mb": []}
-                   for k in systems(root, size)} for size in sizes}
+                   for group in groups[size] for k in group} for size in sizes}
     for r in range(rounds):
         for size in sizes:
-            for system in rows[size]:
-                print(f"sizes round {r + 1}/{rounds}: {size} {system}", file=sys.stderr, flush=True)
-                result = decode.measure(root / size, system, reps, LONG_PROMPT)
-                for key in ("prefill_ms", "prefill_long_ms", "decode_ms"):
-                    rows[size][system][key].append(decode.med(result[key]))
-                rows[size][system]["rss_mb"].append(result["rss_mb"])
-                rows[size][system]["repack"] = result.get("repack")
+            for group in groups[size]:
+                print(f"sizes round {r + 1}/{rounds}: {size} {' + '.join(group)}", file=sys.stderr, flush=True)
+                for system, result in decode.measure_together(root / size, group, reps, LONG_PROMPT).items():
+                    for key in ("prefill_ms", "prefill_long_ms", "decode_ms"):
+                        rows[size][system][key].append(decode.med(result[key]))
+                    rows[size][system]["rss_mb"].append(result["rss_mb"])
+                    rows[size][system]["repack"] = result.get("repack")
     return rows
 
 
@@ -121,7 +124,8 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
         "# Sizes: edgelora against llama.cpp and onnxruntime-genai at 135M, 0.5B and 1B",
         "",
         f"Command: `{command}` (one run; {rounds} rounds; in each round every system of every size once, each in "
-        "its own process, the systems of a size back to back; medians over the rounds). Random weights, tied "
+        "its own process (a system with and without its adapter in one), the systems of a size back to back; "
+        "medians over the rounds). Random weights, tied "
         f"embeddings, one rank-{decode.RANK} adapter on all seven projections; decode: 32-token prompt, "
         f"{decode.NEW_TOKENS} new tokens, greedy, EOS ignored; prefill also of a {LONG_PROMPT}-token prompt. "
         f"edgelora and llama.cpp on {decode.THREADS} threads, onnxruntime-genai under its own defaults. "
@@ -136,8 +140,11 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
         "load swing hits them alike; absolute times differ by 2x between machines of this kind and with the load). "
         "Prefill is the first forward pass over the prompt (onnxruntime-genai: `append_tokens`; llama.cpp: the "
         "server's `prompt_ms`); decode ms/token is the mean over the new tokens after the first; peak RSS is the "
-        "process's (llama.cpp: the server's) VmHWM. Adapter overhead compares the same graph (edgelora) or the same "
-        "server (llama.cpp, scale 1 against scale 0) with and without the adapter. The build figures are each "
+        "process's (llama.cpp: the server's) VmHWM, so a row without the adapter shows the memory of the process that "
+        "also ran it. Adapter overhead compares the same graph (edgelora) or the same server (llama.cpp, scale 1 "
+        "against scale 0) with and without the adapter, measured in one process whose generations alternate between "
+        "the two, so that the machine's load swings (10-30% over minutes on these machines) hit both alike. The "
+        "build figures are each "
         "package's one-off cost on this machine, taken when it was built (maybe by an earlier run, under another "
         "load).",
     ]
