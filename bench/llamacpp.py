@@ -247,7 +247,7 @@ class Server:
 def worker(work: Path, systems: list[System], reps: int, long_prompt: int = 0) -> list[dict]:
     """The decode worker's results for llama.cpp rows that one server serves (the same base, adapter and repack
     setting; scales may differ), their requests taking turns; RSS is the server's."""
-    from decode import NEW_TOKENS, THREADS, prompt_ids
+    from decode import NEW_TOKENS, THREADS, prompt_ids, read_through
 
     system = systems[0]
     if any((s.base, s.lora, s.force_no_repack) != (system.base, system.lora, system.force_no_repack) for s in systems):
@@ -257,8 +257,9 @@ def worker(work: Path, systems: list[System], reps: int, long_prompt: int = 0) -
     lora = None if system.lora is None else work / "llamacpp" / f"lora-{system.lora}.gguf"
     scales = [None if lora is None else s.scale for s in systems]
     log = work / "llamacpp" / "server.log"
-    with Server(Path(setup["bin_dir"]), work / "llamacpp" / f"base-{system.base}.gguf", lora, repack, log,
-                THREADS) as server:
+    base = work / "llamacpp" / f"base-{system.base}.gguf"
+    read_through(base, *([lora] if lora else []))
+    with Server(Path(setup["bin_dir"]), base, lora, repack, log, THREADS) as server:
         def turns(prompt: list[int], new_tokens: int) -> list[list[dict]]:
             runs = [[] for _ in scales]
             for _ in range(reps):
