@@ -279,7 +279,7 @@ def test_merge_then_quantize_beats_quantize_then_merge():
     assert merge_then_quantize < 0.8 * quantize_then_merge
 
 
-def embedding_adapter_package(tmp_path, dtype: str):
+def embedding_adapter_package(tmp_path, dtype: str, quantize: str = "none"):
     """(PEFT model, base model, package) for a LoRA on the embedding (vocabulary 100) and a pair of projections."""
     from conftest import make_adapter
 
@@ -289,7 +289,7 @@ def embedding_adapter_package(tmp_path, dtype: str):
     base = build_causal_lm(tmp_path / "base", size="tiny", seed=0)
     peft_model = make_adapter(base, tmp_path / "a", "embedding", seed=7)
     export_package(tmp_path / "base", {"a": tmp_path / "a"}, tmp_path / "pkg",
-                   ExportOptions(progress=False, adapter_dtype=dtype))
+                   ExportOptions(progress=False, adapter_dtype=dtype, quantize=quantize))
     return peft_model, base, tmp_path / "pkg"
 
 
@@ -308,6 +308,31 @@ def test_quantized_embedding_slots_against_peft(tmp_path, dtype):
     got = EdgeModel.open(package).logits(IDS, adapter="a")
     assert np.linalg.norm(want - base_logits) / np.linalg.norm(want) > 0.01  # the adapter matters
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= {"fp16": 1e-3, "int8": 2e-2}[dtype]
+
+
+def test_an_int4_base_quantizes_the_token_table_but_not_the_embedding_slot(tmp_path):
+    """int4 turns the token lookup into GatherBlockQuantized; the embedding slot's lookup takes the same ids and
+    must stay the slot's own float lookup, with the adapter's effect what PEFT's is."""
+    import onnx
+    import torch
+
+    from edgelora.runtime import EdgeModel
+
+    peft_model, base, package = embedding_adapter_package(tmp_path, "fp32", quantize="int4")
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    table = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(table) == 1 and table[0].input[0] not in inputs and table[0].input[1] == "input_ids"
+    assert [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"] == \
+        [name for name in inputs if name.endswith("embed_tokens.lora_A")]
+    table_shape = [base.config.vocab_size, base.config.hidden_size]
+    assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and table_shape in (list(t.dims), list(t.dims)[::-1])]  # no fp32 copy of the table is left
+    with torch.no_grad():
+        want = peft_model(torch.as_tensor(IDS)).logits.numpy() - base(torch.as_tensor(IDS)).logits.numpy()
+    model = EdgeModel.open(package)
+    got = model.logits(IDS, adapter="a") - model.logits(IDS)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 0.2
 
 
 def test_int4_embedding_slot_needs_blocks_that_divide_the_vocabulary(tmp_path):
