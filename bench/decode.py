@@ -354,9 +354,13 @@ def bytes_per_token(package: Path, adapter_file: Path) -> int:
 
     proto = onnx.load(str(package / "model.onnx"), load_external_data=False)
     gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    gathered |= {name for n in proto.graph.node if n.op_type == "GatherBlockQuantized"
+                 for i, name in enumerate(n.input) if i != 1}  # its table, scales and zero points; 1 is the ids
+    packed = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}  # two values per byte
     total = 0
     for t in proto.graph.initializer:
         size = int(np.prod(t.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        size = size // 2 if t.data_type in packed else size
         total += size // t.dims[0] if t.name in gathered and t.dims else size
     return total + adapter_file.stat().st_size
 
