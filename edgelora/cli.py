@@ -105,6 +105,8 @@ def main():
               help="Base weights as MatMulNBits (LM head included, LoRA slots never).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits accuracy level (4: int8 compute, fastest on CPU).")
+@click.option("--fp32-embedding", is_flag=True,
+              help="With --quantize int4, keep the token embedding table in fp32 (a larger package) instead of int4.")
 @click.option("--mode", type=click.Choice(["separate", "merged"]), default="separate", show_default=True,
               help="merged: one graph per adapter with the delta folded in before quantization.")
 @click.option("--probe-data", "probes", multiple=True, metavar="[NAME=]FILE",
@@ -113,8 +115,8 @@ def main():
                    "Default: random ids.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --out.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, mode, probes, overwrite,
-           quiet):
+def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accuracy_level, fp32_embedding, mode, probes,
+           overwrite, quiet):
     """Export BASE_DIR (a Hugging Face causal LM or BERT-family encoder) with one LoRA slot per targeted module."""
     from .exporters.export import ExportOptions, export_package
 
@@ -122,8 +124,8 @@ def export(base_dir, adapters, out, adapter_dtype, block_size, quantize, accurac
     if len(specs) != len(adapters):
         raise EdgeLoraError("--adapter: the same name is given twice")
     options = ExportOptions(adapter_dtype=adapter_dtype, block_size=int(block_size), quantize=quantize,
-                            accuracy_level=accuracy_level, mode=mode, probe_data=parse_probe_specs(probes, specs),
-                            overwrite=overwrite, progress=not quiet)
+                            accuracy_level=accuracy_level, quantize_embedding=not fp32_embedding, mode=mode,
+                            probe_data=parse_probe_specs(probes, specs), overwrite=overwrite, progress=not quiet)
     export_package(base_dir, specs, out, options)
 
 

@@ -15,8 +15,9 @@ BITS = {"none": None, "int8": 8, "int4": 4}
 
 
 def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accuracy_level: int | None,
-                  slot_tensors: set[str]) -> onnx.ModelProto:
-    """MatMulNBits for every MatMul with a constant weight, the LM head included.
+                  slot_tensors: set[str], embedding: bool = True) -> onnx.ModelProto:
+    """MatMulNBits for every MatMul with a constant weight, the LM head included; at int4 with ``embedding``,
+    the token embedding table too (``token_embedding``).
 
     Slot MatMuls are excluded by name: with fp32 slots their factors are initializers too (the
     zero defaults), and the quantizer would otherwise freeze them into 4-bit constants.
@@ -29,11 +30,11 @@ def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accura
 
     untie_lm_head(proto)
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and slot_tensors & set(n.input)]
-    embedding = token_embedding(proto) if BITS[quantize] == 4 else None
+    table = token_embedding(proto) if BITS[quantize] == 4 and embedding else None
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS[quantize], block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, nodes_to_exclude=exclude,
-                                     nodes_to_include=None if embedding is None else [embedding.name])
+                                     nodes_to_include=None if table is None else [table.name])
     with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides all-zero blocks, then drops them
         quantizer.process()
     return quantizer.model.model

@@ -17,6 +17,7 @@ from edgelora.format.manifest import Slot, SlotGroup
 from . import repeat_layers
 from .fusion import fuse_for_ort
 from .last_logits import LOGITS_KEEP
+from .options import ExportOptions
 from .phases import note
 from .row_mask import ROW_MASK
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
@@ -94,9 +95,8 @@ def sliding_windows(config) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
-def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
-                 block: int = 32, quantize: str = "none",
-                 accuracy_level: int | None = None) -> tuple[dict, list[SlotGroup]]:
+def export_graph(model: nn.Module, slots: list[Slot], path: Path,
+                 options: ExportOptions = ExportOptions()) -> tuple[dict, list[SlotGroup]]:
     """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest and the slot groups.
 
     A deep model is traced with a few of its layers and the rest repeated in ONNX (``repeat_layers``);
@@ -106,8 +106,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     layers = config.num_hidden_layers
     kv_heads, head_dim = cache_shape(config)
     windows = sliding_windows(config)  # the whole model's, read before any trace shrinks it
-    export = dict(path=path, adapter_dtype=adapter_dtype, block=block, quantize=quantize,
-                  accuracy_level=accuracy_level, fuse=lambda proto: fuse_for_ort(proto, head_dim, windows))
+    export = dict(path=path, options=options, fuse=lambda proto: fuse_for_ort(proto, head_dim, windows))
     repeat = repeat_layers.plan(model, [s.name for s in slots])
     exported = None
     if repeat is not None:
@@ -129,15 +128,14 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "row_mask": ROW_MASK if fusions.get("row_mask") else None,
         "logits_keep": LOGITS_KEEP if fusions.get("logits_keep") else None,
         "opset": OPSET,
-        "quantization": quantize,
-        "quantization_block_size": block,
-        "accuracy_level": accuracy_level,
+        "quantization": options.quantize,
+        "quantization_block_size": options.block_size,
+        "accuracy_level": options.accuracy_level,
         "fusions": fusions,
     }, groups
 
 
-def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str, block: int, quantize: str,
-            accuracy_level: int | None, fuse,
+def _export(model: nn.Module, slots: list[Slot], path: Path, options: ExportOptions, fuse,
             repeat: repeat_layers.Plan | None = None) -> tuple[dict, list[SlotGroup]]:
     """Trace the model (only ``repeat.traced`` layers, when given) and write the whole model's graph."""
     layers = model.config.num_hidden_layers
@@ -161,8 +159,7 @@ def _export(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str,
     with repeat_layers.shrunk(model, repeat) if repeat is not None else nullcontext():
         wrapped = SlottedCausalLM(model.eval(), [s.name for s in traced_slots]).eval()
         args, dynamic_shapes = _example_inputs(model.config, traced_layers, traced_slots)
-        return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, adapter_dtype,
-                              block, quantize, accuracy_level, fuse=fuse,
+        return export_slotted(wrapped, args, dynamic_shapes, inputs, outputs, lora_names, path, options, fuse=fuse,
                               expand=expand, traced_io=traced_io, labels=labels, row_mask=True, logits_keep=True)
 
 

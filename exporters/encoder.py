@@ -17,6 +17,7 @@ from edgelora.errors import EdgeLoraError
 from edgelora.format.manifest import Slot, SlotGroup
 
 from .slots import OPSET, SlotHooks, example_factors, export_slotted
+from .options import ExportOptions
 
 _PREFIXES = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert"}
 _HEADS = {"Model": "feature-extraction", "ForSequenceClassification": "sequence-classification"}
@@ -60,9 +61,8 @@ def max_length(config, family: str) -> int:
     return config.max_position_embeddings - offset
 
 
-def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype: str = "fp32",
-                 block: int = 32, quantize: str = "none",
-                 accuracy_level: int | None = None) -> tuple[dict, list[SlotGroup]]:
+def export_graph(model: nn.Module, slots: list[Slot], path: Path,
+                 options: ExportOptions = ExportOptions()) -> tuple[dict, list[SlotGroup]]:
     """Export to ``path`` (+ ``path.data``); returns the graph section of the manifest and the slot groups
     (none: the encoder graph is not fused, so no products are packed)."""
     config = model.config
@@ -83,7 +83,7 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
     example = {name: example[name] for name in inputs}
     lora, lora_shapes, lora_names = example_factors(slots)
     _, groups = export_slotted(wrapped, (example, lora, {}), ({name: dims for name in inputs}, lora_shapes),
-                               inputs, [output], lora_names, path, adapter_dtype, block, quantize, accuracy_level)
+                               inputs, [output], lora_names, path, options)
     graph = {
         "file": path.name,
         "inputs": inputs,
@@ -93,9 +93,9 @@ def export_graph(model: nn.Module, slots: list[Slot], path: Path, adapter_dtype:
         "vocab_size": config.vocab_size,
         "max_length": limit,
         "opset": OPSET,
-        "quantization": quantize,
-        "quantization_block_size": block,
-        "accuracy_level": accuracy_level,
+        "quantization": options.quantize,
+        "quantization_block_size": options.block_size,
+        "accuracy_level": options.accuracy_level,
     }
     if task == "sequence-classification":
         graph["id2label"] = {str(i): label for i, label in sorted(config.id2label.items())}

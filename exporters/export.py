@@ -8,12 +8,10 @@ base's modules, the probe files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.errors import EdgeLoraError
 from edgelora.format.adapter_file import adapter_parameters
-from edgelora.format.codec import BLOCK_SIZES, check_dtype
 from edgelora.format.compatibility import check_fits
 from edgelora.format.factors import AdapterFactors
 from edgelora.format.fileio import atomic_dir, check_name, sha256_file
@@ -22,37 +20,13 @@ from edgelora.format.manifest import AdapterEntry, Manifest, Slot
 from . import causal_lm, encoder, phases
 from .base_model import base_fingerprint, check_base_dir, generation_info, load_base
 from .merge import merged_copy
+from .options import ExportOptions
 from .package_files import copy_tokenizer, graph_bytes, grouped_slots, write_adapter_entry
 from .peft_ingest import ingest_peft, source_bytes
 from .progress import Steps
 from .quality import check_probe_data, print_quality, quality_report, read_probes
 from .shared_weights import base_tensors, share_base_tensors
 from .slots import slots_for
-
-MODES = ("separate", "merged")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """How to export, as ``edgelora export``'s options say it (see docs/export.md)."""
-
-    adapter_dtype: str = "fp32"  # the codec of the slots and of every blob
-    block_size: int = 32  # int4 blocks along the reduction axis, of adapters and of a quantized base
-    quantize: str = "none"  # base weights: none, int8 or int4 (MatMulNBits)
-    accuracy_level: int | None = None  # MatMulNBits' accuracy level, passed through
-    mode: str = "separate"  # or "merged": one graph per adapter with its delta folded in
-    # adapter name -> prompt/completion JSONL its quality is measured on; "" for the base and the rest
-    probe_data: dict[str, str | Path] = field(default_factory=dict)
-    overwrite: bool = False
-    progress: bool = True
-
-    def check(self) -> None:
-        check_dtype(self.adapter_dtype)
-        if self.block_size not in BLOCK_SIZES:
-            raise EdgeLoraError(f"--block-size {self.block_size}: use one of {', '.join(map(str, BLOCK_SIZES))}")
-        if self.mode not in MODES:
-            raise EdgeLoraError(f"--mode {self.mode!r}: use separate or merged")
-
 
 def graph_exporter(task: str):
     """The module that exports a task's graph: ``family_of(model)`` and ``export_graph(model, slots, path, ...)``."""
@@ -91,8 +65,7 @@ def export_package(base_dir: str | Path, adapters: dict[str, str | Path], out: s
     with atomic_dir(out, overwrite=o.overwrite) as tmp:
         with steps.step(f"exporting the {family} graph with {len(slots)} LoRA slots{quant} (torch.onnx dynamo)"):
             with phases.shown(shown):
-                graph, groups = exporter.export_graph(model, slots, tmp / "model.onnx", o.adapter_dtype, o.block_size,
-                                                      o.quantize, o.accuracy_level)
+                graph, groups = exporter.export_graph(model, slots, tmp / "model.onnx", o)
         entries = {}
         if merged:
             base = base_tensors(tmp / "model.onnx")
@@ -100,8 +73,7 @@ def export_package(base_dir: str | Path, adapters: dict[str, str | Path], out: s
                 path = tmp / "merged" / name / "model.onnx"
                 with steps.step(f"exporting merged graph {name}{quant}"):
                     with phases.shown(shown):
-                        exporter.export_graph(merged_copy(model, f, name), [], path, o.adapter_dtype, o.block_size,
-                                              o.quantize, o.accuracy_level)
+                        exporter.export_graph(merged_copy(model, f, name), [], path, o)
                     share_base_tensors(path, base)
                 entries[name] = merged_entry(tmp, path, f, Path(adapters[name]))
         with steps.step(f"writing {'merged entries' if merged else o.adapter_dtype + ' adapters'}"):

@@ -22,6 +22,7 @@ from .base_quant import quantize_base
 from .packing import group_slots
 from .phases import phase
 from .last_logits import add_logits_keep
+from .options import ExportOptions
 from .row_mask import add_row_mask
 from .slot_codec import encode_slots
 
@@ -145,8 +146,7 @@ def conv1d_as_matmul():
 
 
 def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, inputs: list[str], outputs: list[str],
-                   lora_names: list[str], path: Path, adapter_dtype: str, block: int, quantize: str,
-                   accuracy_level: int | None, fuse=None, expand=None, traced_io=None,
+                   lora_names: list[str], path: Path, options: ExportOptions, fuse=None, expand=None, traced_io=None,
                    labels: tuple[str, str] = ("tracing", ""),
                    row_mask: bool = False, logits_keep: bool = False) -> tuple[dict[str, int], list[SlotGroup]]:
     """Trace ``wrapped`` to ``path`` (+ ``path.data``) and release its hooks; returns ``fuse``'s counts and the
@@ -190,21 +190,22 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
             proto, fusions = fuse(proto)
             # a group's b has a tile axis, which int4's unpacking by blocks of a 2-D factor does not take: int4
             # slots stay per module (int4 adapters trade decode speed for size anyway)
-            groups = group_slots(proto) if adapter_dtype != "int4" else []
+            groups = group_slots(proto) if options.adapter_dtype != "int4" else []
         grouped = {name for group in groups for module in group.modules for name in factor_names(module)}
         if groups:
             fusions["slot_groups"] = len(groups)
         lora_names = [n for n in lora_names if n not in grouped] + [n for g in groups for n in (g.a, g.b)]
     _rename_dynamic_dims(proto)
-    with phase(f"{adapter_dtype} slots"):
-        encode_slots(proto, lora_names, adapter_dtype, block)
+    with phase(f"{options.adapter_dtype} slots"):
+        encode_slots(proto, lora_names, options.adapter_dtype, options.block_size)
         if row_mask:
             fusions["row_mask"] = add_row_mask(proto, lora_names, {g.b for g in groups})
     if logits_keep:
         fusions["logits_keep"] = int(add_logits_keep(proto))
-    if quantize != "none":
-        with phase(f"quantizing the base {quantize}"):
-            proto = quantize_base(proto, quantize, block, accuracy_level, set(lora_names))
+    if options.quantize != "none":
+        with phase(f"quantizing the base {options.quantize}"):
+            proto = quantize_base(proto, options.quantize, options.block_size, options.accuracy_level,
+                                  set(lora_names), options.quantize_embedding)
     path.parent.mkdir(parents=True, exist_ok=True)
     with phase("saving"):
         onnx.save_model(

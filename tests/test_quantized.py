@@ -335,6 +335,21 @@ def test_an_int4_base_quantizes_the_token_table_but_not_the_embedding_slot(tmp_p
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 0.2
 
 
+def test_fp32_embedding_keeps_the_table_and_needs_an_int4_base(probe, tmp_path):
+    import onnx
+
+    code, _, err = run_cli("export", probe.base_dir, "--adapter", f"a={probe.adapter_dirs['a']}", "--out",
+                           tmp_path / "pkg", "--quantize", "int4", "--fp32-embedding", "--quiet")
+    assert code == 0, err
+    graph = onnx.load(str(tmp_path / "pkg" / "model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    code, _, err = run_cli("export", probe.base_dir, "--out", tmp_path / "pkg8", "--quantize", "int8",
+                           "--fp32-embedding")
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
+        "--fp32-embedding applies to --quantize int4 only; the other bases keep the table in fp32")
+
+
 def test_int4_embedding_slot_needs_blocks_that_divide_the_vocabulary(tmp_path):
     """int4 blocks run along the reduction axis, which for an embedding slot is the vocabulary."""
     from edgelora.errors import EdgeLoraError
