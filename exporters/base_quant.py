@@ -35,7 +35,7 @@ def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accura
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS[quantize], block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, nodes_to_exclude=exclude,
                                      nodes_to_include=None if table is None else [table.name])
-    with np.errstate(divide="ignore", invalid="ignore"):  # the quantizer divides all-zero blocks, then drops them
+    with np.errstate(divide="ignore", invalid="ignore"):  # it divides all-zero blocks by their zero scale, then discards that
         quantizer.process()
     return quantizer.model.model
 
@@ -44,10 +44,11 @@ def token_embedding(proto: onnx.ModelProto) -> onnx.NodeProto | None:
     """The ``Gather`` that looks the token ids up in a constant table, which int4 quantizes too (as
     ``GatherBlockQuantized``, by blocks along the hidden axis).
 
-    With tied embeddings the LM head is already int4 and the table is its fp32 twin: the largest tensor of the
-    package (1 GB of a 1B model), read a row at a time from a memory map, so left in fp32 it makes the package
-    twice the size of its int4 weights, and a row that is not in the page cache is a disk read in the middle of
-    a decode step. int8 keeps the table in fp32: ``GatherBlockQuantized`` takes 4 bits only.
+    With tied embeddings the LM head is already int4 and the table is its fp32 twin, the largest tensor of the
+    package: left in fp32 it makes the package about twice the size of its int4 weights, and a row that is not in
+    the page cache is a disk read in the middle of a decode step. Where the table is a large part of a small
+    model the rounding costs quality, so ``embedding=False`` (``--fp32-embedding``) keeps it. int8 keeps it
+    always: ``GatherBlockQuantized`` takes 4 bits only.
     """
     constants = {t.name for t in proto.graph.initializer} - {i.name for i in proto.graph.input}  # not slot defaults
     for node in proto.graph.node:
