@@ -35,7 +35,7 @@ def quantize_base(proto: onnx.ModelProto, quantize: str, block_size: int, accura
     quantizer = MatMulNBitsQuantizer(proto, bits=BITS[quantize], block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, nodes_to_exclude=exclude,
                                      nodes_to_include=None if table is None else [table.name])
-    with np.errstate(divide="ignore", invalid="ignore"):  # it divides all-zero blocks by their zero scale, then discards that
+    with np.errstate(divide="ignore", invalid="ignore"):  # it divides all-zero blocks by 0, then drops that
         quantizer.process()
     return quantizer.model.model
 
