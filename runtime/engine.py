@@ -56,8 +56,9 @@ class BatchSettings:
 class Request:
     """One submitted generation: its row state, its adapter, and the queue its caller reads events from."""
 
-    def __init__(self, prompt_ids: list[int], adapter, resident, row: Row):
+    def __init__(self, prompt_ids: list[int], adapter, resident, row: Row, pieces: bool = True):
         self.prompt_ids = prompt_ids
+        self.pieces_wanted = pieces
         self.adapter = adapter
         self.resident = resident  # held, so an eviction cannot pull its parameters while it runs
         self.row = row
@@ -112,8 +113,9 @@ class BatchEngine:
 
     # the caller's side
 
-    def submit(self, prompt_ids: list[int], adapter, row: Row) -> TextStream:
-        """Queue a request; returns its stream at once. Raises ``BusyError`` when rows and queue are full."""
+    def submit(self, prompt_ids: list[int], adapter, row: Row, pieces: bool = True) -> TextStream:
+        """Queue a request; returns its stream at once, which yields text pieces as they come, or with
+        ``pieces=False`` only ends, with its result. Raises ``BusyError`` when rows and queue are full."""
         if len(prompt_ids) + row.sampling.max_new_tokens > min(self.kv_budget, self.context):
             raise EdgeLoraError(
                 f"a prompt of {len(prompt_ids)} tokens plus max_new_tokens={row.sampling.max_new_tokens} needs "
@@ -126,7 +128,7 @@ class BatchEngine:
             resident = None
         else:
             resident = self.model.registry.resolve(adapter)
-        request = Request(prompt_ids, adapter, resident, row)
+        request = Request(prompt_ids, adapter, resident, row, pieces)
         with self._cv:
             if self._closing:
                 raise EdgeLoraError("the model's batching engine is closed")
@@ -373,7 +375,7 @@ class BatchEngine:
             request.row.finish_reason = "cancelled"
 
     def _emit(self, request: Request, piece: str) -> None:
-        if piece:
+        if piece and request.pieces_wanted:
             request.events.put(("piece", piece))
 
     def _fail_all(self, error: Exception) -> None:

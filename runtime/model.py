@@ -292,11 +292,17 @@ class EdgeModel(EncoderTasks):
         self._require_task("stream", "causal-lm")
         if sampling is None:
             sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or (), ignore_eos, truncate)
+        return self._text_stream(prompt, adapter, sampling, pieces=True)
+
+    def _text_stream(self, prompt, adapter, sampling: SamplingParams, pieces: bool) -> TextStream:
+        """A generation's stream; without ``pieces`` (a caller that only wants the result) the engine hands over
+        nothing until the end, so the caller's thread does not wake at every token to take a piece from the
+        cores the step runs on."""
         prompt_ids, dropped = self.fit_context(self.encode(prompt), sampling)
         row = Row(prompt_ids, sampling, self.decode, self.info.eos_token_ids, dropped)
         engine = self.engine
         if engine is not None:
-            return engine.submit(prompt_ids, adapter, row)
+            return engine.submit(prompt_ids, adapter, row, pieces)
         call = self.call(adapter)
         return TextStream(_closing(generate_alone(self.runner, call, KVCache(), prompt_ids, row), call))
 
@@ -306,11 +312,9 @@ class EdgeModel(EncoderTasks):
                  sampling: SamplingParams | None = None) -> Generation:
         """Greedy by default; ``prompt`` is text or a list of token ids."""
         self._require_task("generate", "causal-lm")
-        text_stream = self.stream(prompt, adapter, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos,
-                                  truncate, sampling)
-        for _ in text_stream:
-            pass
-        return text_stream.result
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop or (), ignore_eos, truncate)
+        return _result(self._text_stream(prompt, adapter, sampling, pieces=False))
 
     def generate_many(self, prompts: list, adapters: list | None = None,
                       sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Generation]:
@@ -324,11 +328,15 @@ class EdgeModel(EncoderTasks):
         each = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if len(each) != len(prompts):
             raise EdgeLoraError(f"generate_many: {len(prompts)} prompts but {len(each)} sampling settings")
-        streams = [self.stream(p, adapter=a, sampling=s or SamplingParams()) for p, a, s in zip(prompts, adapters, each)]
-        for stream in streams:
-            for _ in stream:
-                pass
-        return [stream.result for stream in streams]
+        streams = [self._text_stream(p, a, s or SamplingParams(), pieces=False)
+                   for p, a, s in zip(prompts, adapters, each)]
+        return [_result(stream) for stream in streams]
+
+
+def _result(stream: TextStream) -> Generation:
+    for _ in stream:
+        pass
+    return stream.result
 
 
 def _closing(pieces, call: Call):

@@ -118,6 +118,29 @@ def test_threads_calling_generate_share_decode_steps(llama_fp32):
     assert stats["rows_stepped"] > stats["steps"]
 
 
+def test_generate_takes_only_the_result_from_the_engine(llama_fp32):
+    """A caller that only wants the result is not handed a piece per token: each would wake its thread in the
+    middle of the step that makes the next one."""
+    from edgelora.runtime.generation import Row
+
+    model = EdgeModel.open(llama_fp32)
+    prompt = prompts_for(model, 1, seed=7)[0]
+    streamed = model.stream(prompt, adapter="a", max_new_tokens=12, ignore_eos=True)
+    pieces = list(streamed)
+    assert len(pieces) > 1 and "".join(pieces) == streamed.result.text
+    sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    silent = model.engine.submit(prompt, "a", Row(prompt, sampling, model.decode, model.info.eos_token_ids, 0),
+                                 pieces=False)
+    assert list(silent) == [] and silent.result.token_ids == streamed.result.token_ids
+    asked = []
+    submit = model.engine.submit
+    model.engine.submit = lambda *args, **kwargs: asked.append(args[3:] or kwargs) or submit(*args, **kwargs)
+    assert model.generate(prompt, adapter="a", sampling=sampling).text == streamed.result.text
+    assert model.generate_many([prompt], ["a"], sampling)[0].text == streamed.result.text
+    list(model.stream(prompt, adapter="a", sampling=sampling))
+    assert asked == [(False,), (False,), (True,)]
+
+
 def test_seeded_sampling_in_a_batch_samples_as_alone(llama_fp32):
     model = EdgeModel.open(llama_fp32)
     prompts = prompts_for(model, 4, seed=6)
