@@ -5,7 +5,8 @@ Per size a Llama with that shape (random weights, tied embeddings) and one rank-
 in ``WORK/SIZE``; each package exported once, one export at a time, with its wall seconds and peak RSS. Then rounds
 in which every system of every size runs once in its own process (a system with and without its adapter in the same
 one, their generations taking turns; the systems of a size back to back, so their ratios share the machine's load):
-prefill of a 32-token and of a 512-token prompt, decode ms/token over 64 new tokens, peak RSS. Writes ``RESULTS-sizes.md`` and ``sizes.png``.
+prefill of a 32-token and of a 512-token prompt, decode ms/token over 64 new tokens, peak RSS. Writes
+``RESULTS-sizes.md`` and ``sizes.png``.
 """
 
 from __future__ import annotations
