@@ -107,7 +107,7 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._step: tuple | None = None  # (the decoding rows it was bound for, its call, its kv view, its mask)
-        self._union: tuple | None = None  # (segment labels, pool, width, bytes): the last joined adapters
+        self._union: tuple | None = None  # (segment labels, pool, widths, bytes): the last joined adapters
         self.steps = 0
         self.rows_stepped = 0
 
@@ -308,29 +308,28 @@ class BatchEngine:
             union = self._union_pool(segments, {_label(r): r.resident for r in rows if r.resident})
             if union is None:
                 return None
-            pool, width = union
+            pool, widths = union
             call = Call(pool, None, self.model.info.inputs + [self.model.info.row_mask])
             index = {label: i for i, label in enumerate(segments)}
-            mask = ort.OrtValue.ortvalue_from_numpy(row_mask([index.get(label) for label in labels], width,
-                                                             len(segments)))
+            mask = ort.OrtValue.ortvalue_from_numpy(row_mask([index.get(label) for label in labels], widths))
             call.binding.bind_ortvalue_input(self.model.info.row_mask, mask)
         kv = self._kv_rows().view(0, len(rows))
         self._step = (list(rows), call, kv, mask)  # the mask's memory lives as long as its binding uses it
         return call, kv
 
-    def _union_pool(self, segments: list[str], residents: dict) -> tuple[BindingPool, int] | None:
+    def _union_pool(self, segments: list[str], residents: dict) -> tuple[BindingPool, list[int]] | None:
         if not self.mixed:
             return None
         if self._union is not None and self._union[0] == segments:
             return None if self._union[1] is None else (self._union[1], self._union[2])
         joined = union_params([residents[s].params for s in segments], self._factors, *self._codec)
         if joined is None:  # remembered, so rows that cannot join do not try again at every step
-            self._union = (segments, None, 0, 0)
+            self._union = (segments, None, [], 0)
             return None
-        params, width = joined
+        params, widths = joined
         pool = BindingPool(self.model.session, {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in params.items()})
-        self._union = (segments, pool, width, sum(a.nbytes for a in params.values()))
-        return pool, width
+        self._union = (segments, pool, widths, sum(a.nbytes for a in params.values()))
+        return pool, widths
 
     def _row_steps(self) -> list:
         """Rows one call each: their own binding, their own KV."""

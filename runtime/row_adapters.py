@@ -1,15 +1,16 @@
 """The factors one batched call binds when its rows run different adapters, and the mask that picks a row's own.
 
-Each resident adapter of the batch becomes one segment of every slot's rank axis, all segments the same width
-(the widest adapter's rank; narrower ones padded with zero components), so the graph's ``[rows, rank]`` mask
-(``graph.row_mask``) has one layout for every slot. The segments are the stored (quantized) parameters as
+Each resident adapter of the batch becomes one segment of every slot's rank axis, as wide as that adapter's
+widest rank (a slot of lower rank padded with zero components), so the graph's ``[rows, rank]`` mask
+(``graph.row_mask``) has one layout for every slot. Every row computes every segment, so a segment padded to a
+wider neighbour's rank would cost each row that many more products for nothing. The segments are the stored (quantized) parameters as
 they are, concatenated: a row computes exactly the products it computes alone, with its own blob. A
 composition or a strength is its own segment, as it is its own blob when run alone.
 
 Slot groups keep their layout: a group's ``a`` holds its modules' rank blocks side by side, so each module's
 block gets the segments in turn. int4 ``b`` factors are quantized by blocks along the rank axis, so segments
-can only be joined when every adapter has the widest rank; otherwise ``union_params`` says no and the engine
-runs those rows one call each.
+can only be joined when every adapter has one rank in every slot, the same for all; otherwise ``union_params``
+says no and the engine runs those rows one call each.
 """
 
 from __future__ import annotations
@@ -56,33 +57,36 @@ def graph_factors(slots: list[Slot], groups: list[SlotGroup]) -> list[Factor]:
 
 
 def union_params(segments: list[dict[str, np.ndarray]], factors: list[Factor], dtype: str,
-                 block: int) -> tuple[dict[str, np.ndarray], int] | None:
-    """(the joined parameters, the segment width), or None where int4 blocks cannot be joined."""
-    width = max(_rank(params, factors, dtype) for params in segments)
+                 block: int) -> tuple[dict[str, np.ndarray], list[int]] | None:
+    """(the joined parameters, each segment's width), or None where int4 blocks cannot be joined."""
+    widths = [_rank(params, factors, dtype) for params in segments]
+    if dtype == "int4":
+        widths = [max(widths)] * len(widths)
     joined = {}
     for factor in factors:
         parts = []
-        for params in segments:
+        for params, width in zip(segments, widths):
             part = _padded(params, factor, dtype, block, width)
             if part is None:
                 return None
             parts.append(part)
         for name in codec.param_names(factor.name, dtype):
             if factor.is_a:  # each module's block takes the segments in turn
-                blocks = [p[name].reshape(*p[name].shape[:-1], factor.modules, width) for p in parts]
+                blocks = [p[name].reshape(*p[name].shape[:-1], factor.modules, w) for p, w in zip(parts, widths)]
                 stacked = np.concatenate(blocks, axis=-1)
                 joined[name] = np.ascontiguousarray(stacked.reshape(*stacked.shape[:-2], -1))
             else:
                 joined[name] = np.concatenate([p[name] for p in parts], axis=-2)
-    return joined, width
+    return joined, widths
 
 
-def row_mask(segment_of_row: list[int | None], width: int, segments: int) -> np.ndarray:
-    """[rows, segments * width]: ones over a row's own segment, zeros for a row without an adapter."""
-    mask = np.zeros((len(segment_of_row), segments * width), np.float32)
+def row_mask(segment_of_row: list[int | None], widths: list[int]) -> np.ndarray:
+    """[rows, sum of the segments' widths]: ones over a row's own segment, zeros for a row without an adapter."""
+    starts = np.cumsum([0, *widths])
+    mask = np.zeros((len(segment_of_row), starts[-1]), np.float32)
     for row, segment in enumerate(segment_of_row):
         if segment is not None:
-            mask[row, segment * width:(segment + 1) * width] = 1.0
+            mask[row, starts[segment]:starts[segment + 1]] = 1.0
     return mask
 
 

@@ -257,3 +257,12 @@ def test_a_queued_stream_closed_from_another_thread_ends_its_reader(llama_fp32):
     reader.join(timeout=30)
     assert not reader.is_alive() and queued.result.finish_reason == "cancelled"
     running.close()
+
+
+def test_joined_adapters_keep_their_own_ranks(llama_fp32):
+    """Every row of a mixed step computes every adapter's segment, so a rank-4 adapter beside a rank-8 one joins
+    at rank 4: padded to its neighbour's rank it would double its share of each step's products."""
+    model = EdgeModel.open(llama_fp32)
+    own = {name: sum(p.nbytes for p in model.registry.resolve(name).params.values()) for name in ("a", "c")}
+    model.generate_many(prompts_for(model, 2, seed=5), ["a", "c"], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert model.engine.stats()["joined_adapter_bytes"] == own["a"] + own["c"]
