@@ -152,6 +152,7 @@ class BatchEngine:
             return {"queue_depth": len(self._waiting), "batch_size": len(self._decoding),
                     "prefilling": len(self._admitted) + (self._prefilling is not None),
                     "kv_reserved_tokens": self._reserved, "kv_budget_tokens": self.kv_budget,
+                    "kv_positions_per_row": self._rows.capacity if self._rows is not None else 0,
                     "steps": self.steps, "rows_stepped": self.rows_stepped,
                     "mixed_adapters_share_steps": self.mixed,
                     "joined_adapter_bytes": self._union[3] if self._union is not None else 0}
@@ -228,6 +229,8 @@ class BatchEngine:
                 self._finish(request)
                 continue
             chunk = request.prompt_ids[request.fed:request.fed + budget]
+            if self.batched:
+                self._fit_kv(request.fed + len(chunk))
             ids = np.asarray([chunk], np.int64)
             positions = np.arange(request.fed, request.fed + len(chunk), dtype=np.int64)[None]
             logits = self.model.runner.forward(request.call, ids, positions, request.kv, last_only=True)
@@ -253,9 +256,26 @@ class BatchEngine:
             request.kv = rows.view(slot, slot + 1)
         else:
             request.kv = KVCache()
-            if self.model.info.shared_kv:
-                request.kv.reserve(self.model.info, request.reserved)
+            if self.model.info.shared_kv:  # grown step by step in _row_steps, as KVRows is
+                request.kv.reserve(self.model.info, len(request.prompt_ids))
         request.call = self.model.call(request.adapter)
+
+    def _fit_kv(self, prefill_positions: int = 0) -> None:
+        """Buffers as long as this pass needs: each decoding row one position past its length, the prefilling
+        row its next chunk. Replaced buffers take the batch's binding and the prefilling row's view with them."""
+        rows = self._kv_rows()
+        needs = [request.row.length + 1 for request in self._decoding]
+        used = len(self._decoding)
+        if self._prefilling is not None:
+            needs.append(max(prefill_positions, self._prefilling.fed))
+            used += 1
+        if not rows.fit(max(needs, default=1), used):
+            return
+        if self._step is not None:
+            self._step[1].close()
+            self._step = None
+        if self._prefilling is not None:
+            self._prefilling.kv = rows.view(len(self._decoding), len(self._decoding) + 1)
 
     def _kv_rows(self) -> KVRows:
         if self._rows is None:
@@ -272,6 +292,8 @@ class BatchEngine:
             if not self._decoding:
                 return
         t0 = time.perf_counter()
+        if self.batched:
+            self._fit_kv()
         bound = self._bound_step() if self.batched else None
         groups = self._batched_step(*bound) if bound is not None else self._row_steps()
         ms = (time.perf_counter() - t0) * 1e3
@@ -340,6 +362,8 @@ class BatchEngine:
             ids = np.asarray([[request.row.token_ids[-1]]], np.int64)
             positions = np.asarray([[request.row.length]], np.int64)
             kv = request.kv if not self.batched else self._kv_rows().view(*_slot(self._decoding, request))
+            if not self.batched and self.model.info.shared_kv:
+                kv.reserve(self.model.info, request.row.length + 1)
             out.append((request, self.model.runner.forward(request.call, ids, positions, kv)[0, 0].copy()))
         return out
 

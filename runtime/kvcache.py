@@ -46,20 +46,44 @@ class KVCache:
 
 
 class KVRows:
-    """The batching engine's shared buffers: ``rows`` sequences of up to ``capacity`` positions each.
+    """The batching engine's shared buffers: ``rows`` sequences, each of up to ``capacity`` positions.
 
     Rows in use are kept at the front, so a step over ``n`` rows binds the views ``[0, n)``, bound once per
-    change of the batch. A view's values stay the same objects until the batch changes, which is what lets a
-    binding keep them bound across steps.
+    change of the batch. A view's values stay the same objects until the batch or the capacity changes, which
+    is what lets a binding keep them bound across steps.
+
+    The capacity follows what the rows need (``fit``), not the model's context: GroupQueryAttention's CPU
+    kernel sizes its scores and its threading by the buffer's length, so buffers as long as the context made
+    every step of a short generation slower (docs/batching.md).
     """
 
-    def __init__(self, info: GraphInfo, rows: int, capacity: int):
+    MIN_POSITIONS = 128
+
+    def __init__(self, info: GraphInfo, rows: int, max_capacity: int):
         self.info = info
         self.rows = rows
-        self.capacity = capacity
-        self.arrays = {name: np.zeros((rows, info.num_kv_heads, capacity, info.head_dim), np.float32)
-                       for name in info.past_names}
+        self.max_capacity = max_capacity
+        self.capacity = 0  # nothing allocated before the first fit
+        self.arrays: dict[str, np.ndarray] = {}
         self._views: dict[tuple[int, int], KVCache] = {}
+
+    def fit(self, positions: int, rows_used: int) -> bool:
+        """Make room for ``positions`` positions per row, keeping what the first ``rows_used`` rows hold; True
+        when the buffers were replaced (their views with them). Grows to the next power of two, and shrinks to
+        twice that once the rows need a quarter of the buffer, so lengths that wander copy rarely."""
+        target = min(self.max_capacity, max(self.MIN_POSITIONS, 1 << max(positions - 1, 0).bit_length()))
+        if self.capacity and positions <= self.capacity and 4 * target > self.capacity:
+            return False
+        capacity = target if positions > self.capacity else min(self.capacity, 2 * target)
+        keep = min(capacity, self.capacity)
+        arrays = {}
+        for name in self.info.past_names:
+            array = np.zeros((self.rows, self.info.num_kv_heads, capacity, self.info.head_dim), np.float32)
+            if name in self.arrays and rows_used:
+                array[:rows_used, :, :keep] = self.arrays[name][:rows_used, :, :keep]
+            arrays[name] = array
+        self.arrays, self.capacity, self._views = arrays, capacity, {}
+        return True
 
     def view(self, start: int, stop: int) -> KVCache:
         key = (start, stop)
@@ -72,7 +96,3 @@ class KVRows:
         """Copy the first ``length`` positions of row ``src`` into row ``dst``."""
         for array in self.arrays.values():
             array[dst, :, :length] = array[src, :, :length]
-
-    @property
-    def bytes_per_position(self) -> int:
-        return len(self.arrays) * self.info.num_kv_heads * self.info.head_dim * 4

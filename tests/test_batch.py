@@ -266,3 +266,43 @@ def test_joined_adapters_keep_their_own_ranks(llama_fp32):
     own = {name: sum(p.nbytes for p in model.registry.resolve(name).params.values()) for name in ("a", "c")}
     model.generate_many(prompts_for(model, 2, seed=5), ["a", "c"], SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert model.engine.stats()["joined_adapter_bytes"] == own["a"] + own["c"]
+
+
+def test_rows_keep_their_cache_when_the_buffers_grow_and_shrink(llama_fp32):
+    """The engine's KV buffers are as long as the rows need, not the model's context (a buffer of the whole
+    context slowed every step): rows that cross the buffer's length mid-batch answer as alone, and short
+    requests after a long one run on a shorter buffer again."""
+    model = EdgeModel.open(llama_fp32, batching=BatchSettings(max_batch=3, prefill_chunk=64))
+    prompts = prompts_for(model, 3, seed=6)
+    model.generate(prompts[2], adapter="b", max_new_tokens=4)
+    assert model.engine.stats()["kv_positions_per_row"] == 128 < model.info.max_positions
+    specs = ["a", {"a": 0.7, "b": 0.3}, None]
+    prompts[0] = (prompts[0] * 20)[:140]  # past the first buffer's 128 positions while prefilling
+    sampling = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (5, 400, 40)]  # row 1 to 512
+    got = model.generate_many(prompts, specs, sampling)
+    single = EdgeModel.open(llama_fp32, batching=False)
+    want = [single.generate(p, adapter=s, sampling=k).token_ids for p, s, k in zip(prompts, specs, sampling)]
+    assert [g.token_ids for g in got] == want
+    assert model.engine.stats()["kv_positions_per_row"] == 512
+    model.generate(prompts[2], adapter="b", max_new_tokens=4)
+    assert model.engine.stats()["kv_positions_per_row"] == 256
+
+
+def test_kv_rows_fit_grows_by_powers_of_two_and_keeps_the_rows_in_use():
+    from types import SimpleNamespace
+
+    from edgelora.runtime.kvcache import KVRows
+
+    info = SimpleNamespace(past_names=["past_key_values.0.key"], num_kv_heads=1, head_dim=2)  # what KVRows reads
+    rows = KVRows(info, rows=2, max_capacity=1024)
+    assert rows.fit(33, 0) and rows.capacity == 128
+    array = rows.arrays["past_key_values.0.key"]
+    array[:, :, :33] = 7.0
+    assert not rows.fit(128, 2) and rows.capacity == 128
+    assert rows.fit(129, 1) and rows.capacity == 256
+    grown = rows.arrays["past_key_values.0.key"]
+    assert (grown[0, :, :33] == 7.0).all() and (grown[1] == 0).all() and (grown[0, :, 33:] == 0).all()
+    assert rows.fit(1000, 1) and rows.capacity == 1024
+    assert not rows.fit(300, 1) and rows.capacity == 1024  # needs more than a quarter: kept
+    assert rows.fit(100, 1) and rows.capacity == 256  # twice the 128 it needs
+    assert (rows.arrays["past_key_values.0.key"][0, :, :33] == 7.0).all()
