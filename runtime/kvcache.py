@@ -54,7 +54,9 @@ class KVRows:
 
     The capacity follows what the rows need (``fit``), not the model's context: GroupQueryAttention's CPU
     kernel sizes its scores and its threading by the buffer's length, so buffers as long as the context made
-    every step of a short generation slower (docs/batching.md).
+    every step of a short generation slower (docs/batching.md). Each buffer is a view of one block of memory
+    sized for the context, so a new capacity lays the rows out again in pages already faulted in, and
+    positions past a row's length may hold an earlier layout's values, which attention never reads.
     """
 
     MIN_POSITIONS = 128
@@ -63,25 +65,28 @@ class KVRows:
         self.info = info
         self.rows = rows
         self.max_capacity = max_capacity
-        self.capacity = 0  # nothing allocated before the first fit
+        self.capacity = 0  # nothing laid out before the first fit
         self.arrays: dict[str, np.ndarray] = {}
+        self._memory = {name: np.zeros(rows * info.num_kv_heads * max_capacity * info.head_dim, np.float32)
+                        for name in info.past_names}  # zeroed pages are committed only once written
         self._views: dict[tuple[int, int], KVCache] = {}
 
     def fit(self, positions: int, rows_used: int) -> bool:
         """Make room for ``positions`` positions per row, keeping what the first ``rows_used`` rows hold; True
-        when the buffers were replaced (their views with them). Grows to the next power of two, and shrinks to
-        twice that once the rows need a quarter of the buffer, so lengths that wander copy rarely."""
+        when the buffers were laid out anew (their views with them). Grows to the next power of two, and shrinks
+        to twice that once the rows need a quarter of the buffer, so lengths that wander copy rarely."""
         target = min(self.max_capacity, max(self.MIN_POSITIONS, 1 << max(positions - 1, 0).bit_length()))
         if self.capacity and positions <= self.capacity and 4 * target > self.capacity:
             return False
         capacity = target if positions > self.capacity else min(self.capacity, 2 * target)
         keep = min(capacity, self.capacity)
+        shape = (self.rows, self.info.num_kv_heads, capacity, self.info.head_dim)
         arrays = {}
-        for name in self.info.past_names:
-            array = np.zeros((self.rows, self.info.num_kv_heads, capacity, self.info.head_dim), np.float32)
-            if name in self.arrays and rows_used:
-                array[:rows_used, :, :keep] = self.arrays[name][:rows_used, :, :keep]
-            arrays[name] = array
+        for name, memory in self._memory.items():
+            held = self.arrays[name][:rows_used, :, :keep].copy() if name in self.arrays and rows_used else None
+            arrays[name] = memory[:int(np.prod(shape))].reshape(shape)
+            if held is not None:
+                arrays[name][:rows_used, :, :keep] = held
         self.arrays, self.capacity, self._views = arrays, capacity, {}
         return True
 

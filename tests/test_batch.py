@@ -301,7 +301,7 @@ def test_kv_rows_fit_grows_by_powers_of_two_and_keeps_the_rows_in_use():
     assert not rows.fit(128, 2) and rows.capacity == 128
     assert rows.fit(129, 1) and rows.capacity == 256
     grown = rows.arrays["past_key_values.0.key"]
-    assert (grown[0, :, :33] == 7.0).all() and (grown[1] == 0).all() and (grown[0, :, 33:] == 0).all()
+    assert (grown[0, :, :33] == 7.0).all() and rows.arrays.keys() == {"past_key_values.0.key"}
     assert rows.fit(1000, 1) and rows.capacity == 1024
     assert not rows.fit(300, 1) and rows.capacity == 1024  # needs more than a quarter: kept
     assert rows.fit(100, 1) and rows.capacity == 256  # twice the 128 it needs
