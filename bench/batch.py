@@ -220,7 +220,8 @@ def write(path: Path, bare, runs, one, ttft, rounds: int) -> None:
                      f"{b / med(bare[n]):.2f} | {row_ms:.2f} |")
     lines += ["", f"Time to first token of a request joining eight running rows: {med(ttft):.0f} ms (median).",
               "",
-              f"A batch of one ({len(one['engine'])} interleaved generations each, taking turns at going first): {med(one['engine']):.2f} ms/token "
+              f"A batch of one ({len(one['engine'])} interleaved generations each, taking turns at going first): "
+              f"{med(one['engine']):.2f} ms/token "
               f"through the engine, {med(one['alone']):.2f} on its own call in the same graph without the row mask, "
               f"as exported before the engine ({med(one['engine']) / med(one['alone']):.2f}x).", ""]
     decode.write_results(path, "\n".join(lines))

@@ -3,9 +3,9 @@
 Each resident adapter of the batch becomes one segment of every slot's rank axis, as wide as that adapter's
 widest rank (a slot of lower rank padded with zero components), so the graph's ``[rows, rank]`` mask
 (``graph.row_mask``) has one layout for every slot. Every row computes every segment, so a segment padded to a
-wider neighbour's rank would cost each row that many more products for nothing. The segments are the stored (quantized) parameters as
-they are, concatenated: a row computes exactly the products it computes alone, with its own blob. A
-composition or a strength is its own segment, as it is its own blob when run alone.
+wider neighbour's rank would cost each row that many more products for nothing. The segments are the stored
+(quantized) parameters as they are, concatenated: a row computes exactly the products it computes alone, with
+its own blob. A composition or a strength is its own segment, as it is its own blob when run alone.
 
 Slot groups keep their layout: a group's ``a`` holds its modules' rank blocks side by side, so each module's
 block gets the segments in turn. int4 ``b`` factors are quantized by blocks along the rank axis, so segments
