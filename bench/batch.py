@@ -200,7 +200,7 @@ def write(path: Path, bare, runs, one, ttft, rounds: int) -> None:
         f"SmolLM-135M-shaped Llama, int4 base (accuracy level 4), eight int8 rank-16 adapters on all seven "
         f"projections, {decode.PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy, "
         f"{decode.THREADS} cores; medians of {rounds} interleaved rounds; load average at the end "
-        f"{os.getloadavg()[1]:.1f} (5 min). Reproduce: `.venv/bin/python bench/batch.py`.",
+        f"{os.getloadavg()[1]:.1f} (5 min); {decode.cpu()}. Reproduce: `.venv/bin/python bench/batch.py`.",
         "",
         "## Bare forward pass over [n, 1] tokens (one adapter bound)",
         "",

@@ -515,6 +515,18 @@ def machine_load() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
 
 
+def cpu() -> str:
+    """The CPU and its widest int8 dot product: every system here runs other kernels on AVX2 alone than with
+    VNNI, so a run's ratios hold for its class of CPU."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    widest = next((name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"),
+                                           ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2, no VNNI")) if flag in flags),
+                  "no AVX2")
+    return f"{model} ({widest})"
+
+
 def llamacpp_rows(work: Path) -> list[str]:
     """The llama.cpp rows; the forced ``--no-repack`` one only where the default repacking runs."""
     import llamacpp
@@ -580,7 +592,8 @@ def main() -> None:
         floor = {"bytes": floor_bytes, "bw": bw, "floor_ms": floor_bytes / bw * 1e3,
                  "nodes_fp32": node_count(work / "edgelora-fp32"), "nodes_int4": node_count(work / "edgelora-int4"),
                  "nodes_genai": node_count(work / "genai-int4")}
-        text = report(work, rows, export_s, swap, floor, command, f"{load} at the start, {machine_load()} at the end")
+        text = report(work, rows, export_s, swap, floor, command,
+                      f"{load} at the start, {machine_load()} at the end; {cpu()}")
         if busy is not None:
             text += busy_report(busy, args.busy_rounds)
         agree = np.mean([a == b for a, b in zip(tokens["edgelora-fp32"], tokens["torch-peft"])])

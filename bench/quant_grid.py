@@ -48,6 +48,7 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
     import onnx
 
     from edgelora.exporters.base_quant import quantize_base
+    from edgelora.exporters.options import ExportOptions
     from edgelora.exporters.package_files import graph_bytes, write_adapter_entry
     from edgelora.exporters.peft_ingest import ingest_peft
     from edgelora.exporters.slot_codec import encode_slots
@@ -59,7 +60,8 @@ def derive(src: Path, dst: Path, quantize: str, adapter_dtype: str, peft: Path) 
     proto = onnx.load(str(src / "model.onnx"))
     factors = list(dict.fromkeys(n for s in manifest.slots for n in (s.a, s.b)))  # a group's are shared
     encode_slots(proto, factors, adapter_dtype, BLOCK)
-    proto = quantize_base(proto, quantize, BLOCK, accuracy_level(quantize), set(factors))
+    proto = quantize_base(proto, ExportOptions(quantize=quantize, block_size=BLOCK,
+                                                accuracy_level=accuracy_level(quantize)), set(factors))
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -120,7 +120,13 @@ def summary(rows: dict) -> dict:
 OVERHEAD_TARGET = {"135m": None, "0.5b": 0.10, "1b": 0.06}
 
 
-def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load: str) -> tuple[str, dict]:
+def plot_name(results: Path) -> str:
+    """``sizes.png`` beside ``RESULTS-sizes.md``; another results file (another machine's run) gets its own."""
+    return results.stem.removeprefix("RESULTS-") + ".png"
+
+
+def report(root: Path, results: Path, rows: dict, builds: dict, rounds: int, command: str,
+           load: str) -> tuple[str, dict]:
     lines = [
         "# Sizes: edgelora against llama.cpp and onnxruntime-genai at 135M, 0.5B and 1B",
         "",
@@ -187,7 +193,7 @@ def report(root: Path, rows: dict, builds: dict, rounds: int, command: str, load
             lines.append(f"| {name} | {value:.2f} | {goal} | {met} |")
         lines += ["", "Builds (wall seconds, peak RSS of the build process and what it waited for):", ""]
         lines += [f"- {name}: {decode.export_label(entry)}" for name, entry in builds[size].items()]
-    lines += ["", "![decode ms/token and adapter overhead against model size](sizes.png)"]
+    lines += ["", f"![decode ms/token and adapter overhead against model size]({plot_name(results)})"]
     return "\n".join(lines) + "\n", sums
 
 
@@ -230,8 +236,9 @@ def write(root: Path, results: Path, sizes: list[str], rounds: int, reps: int, b
     load = decode.machine_load()
     rows = sweep(root, sizes, rounds, reps)
     (root / "sweep.json").write_text(json.dumps(rows))
-    text, sums = report(root, rows, builds, rounds, command, f"{load} at the start, {decode.machine_load()} at the end")
-    plot(sums, results.with_name("sizes.png"))
+    text, sums = report(root, results, rows, builds, rounds, command,
+                        f"{load} at the start, {decode.machine_load()} at the end; {decode.cpu()}")
+    plot(sums, results.with_name(plot_name(results)))
     decode.write_results(results, text)
     print(text)
 

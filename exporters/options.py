@@ -1,5 +1,5 @@
 """What ``edgelora export`` is asked to do: its options, checked before any slow step, and passed whole to the
-graph exporters (the base quantization takes the few it needs)."""
+graph exporters and the base quantization."""
 
 from __future__ import annotations
 

@@ -204,8 +204,7 @@ def export_slotted(wrapped: SlotHooks, args: tuple, dynamic_shapes: tuple, input
         fusions["logits_keep"] = int(add_logits_keep(proto))
     if options.quantize != "none":
         with phase(f"quantizing the base {options.quantize}"):
-            proto = quantize_base(proto, options.quantize, options.block_size, options.accuracy_level,
-                                  set(lora_names), options.quantize_embedding)
+            proto = quantize_base(proto, options, set(lora_names))
     path.parent.mkdir(parents=True, exist_ok=True)
     with phase("saving"):
         onnx.save_model(

@@ -264,7 +264,8 @@ def test_joined_adapters_keep_their_own_ranks(llama_fp32):
     at rank 4: padded to its neighbour's rank it would double its share of each step's products."""
     model = EdgeModel.open(llama_fp32)
     own = {name: sum(p.nbytes for p in model.registry.resolve(name).params.values()) for name in ("a", "c")}
-    model.generate_many(prompts_for(model, 2, seed=5), ["a", "c"], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    # long enough answers that the second row joins while the first decodes, however late its thread submits it
+    model.generate_many(prompts_for(model, 2, seed=5), ["a", "c"], SamplingParams(max_new_tokens=16, ignore_eos=True))
     assert model.engine.stats()["joined_adapter_bytes"] == own["a"] + own["c"]
 
 

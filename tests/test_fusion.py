@@ -242,6 +242,7 @@ def run(proto, ids):
 def test_untied_lm_head_computes_the_same_and_quantizes():
     from edgelora.exporters.base_quant import quantize_base
     from edgelora.exporters.fusion import untie_lm_head
+    from edgelora.exporters.options import ExportOptions
 
     ids = np.array([[3, 7, 11]], np.int64)
     proto = tied_head_graph()
@@ -251,7 +252,7 @@ def test_untied_lm_head_computes_the_same_and_quantizes():
     assert [n.op_type for n in untied.graph.node] == ["Gather", "MatMul"]
     assert np.abs(run(untied, ids) - want).max() <= 1e-5
 
-    quantized = quantize_base(tied_head_graph(), "int8", 32, None, set())
+    quantized = quantize_base(tied_head_graph(), ExportOptions(quantize="int8"), set())
     ops = [n.op_type for n in quantized.graph.node]
     assert ops == ["Gather", "MatMulNBits"]  # the LM head is quantized; the gather keeps the float table
     got = run(quantized, ids)

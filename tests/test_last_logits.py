@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgelora.exporters.base_quant import quantize_base
 from edgelora.exporters.last_logits import LOGITS_KEEP, add_logits_keep, lm_head
+from edgelora.exporters.options import ExportOptions
 from edgelora.runtime import EdgeModel
 from edgelora.runtime.kvcache import KVCache
 
@@ -46,7 +47,7 @@ def test_the_slice_keeps_the_last_positions_and_defaults_to_all(capped):
 def test_the_slice_survives_int4_quantization_of_the_head():
     proto = head_graph(False)
     add_logits_keep(proto)
-    quantized = quantize_base(proto, "int4", 16, 4, set())
+    quantized = quantize_base(proto, ExportOptions(quantize="int4", block_size=16, accuracy_level=4), set())
     head = lm_head(quantized)
     assert head.op_type == "MatMulNBits" and head.input[0].endswith(".last_positions")
     h = np.random.default_rng(2).standard_normal((1, 4, 16)).astype(np.float32)

@@ -256,6 +256,7 @@ def test_merge_then_quantize_beats_quantize_then_merge():
     from onnx import TensorProto, helper, numpy_helper
 
     from edgelora.exporters.base_quant import quantize_base
+    from edgelora.exporters.options import ExportOptions
 
     def int4(w: np.ndarray) -> np.ndarray:
         """The weights the package's int4 base quantization makes of ``w`` (a MatMul read back with x = I)."""
@@ -264,8 +265,8 @@ def test_merge_then_quantize_beats_quantize_then_merge():
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w.shape[0]])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w.shape[1]])],
             [numpy_helper.from_array(w, "w")])
-        proto = quantize_base(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), "int4", 32,
-                              None, set())
+        proto = quantize_base(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                              ExportOptions(quantize="int4"), set())
         assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"]
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         return session.run(["y"], {"x": np.eye(w.shape[0], dtype=np.float32)})[0]

@@ -13,7 +13,10 @@ quantized in memory: dequantization happens per run, in the graph.
   that row spans ±127 and ``b`` is stored as plain integers, with no scale. ``a`` keeps an fp32 scale per
   column, which therefore carries both factors' scales. The graph then needs no scaling node after
   ``p @ b`` and can feed the stored ``a`` straight to onnxruntime's ``DynamicQuantizeMatMul``; fewer nodes
-  per slot is what a decode step on a CPU pays for (docs/architecture.md).
+  per slot is what a decode step on a CPU pays for (docs/architecture.md). ``a`` spans ±63, not ±127: that
+  kernel rounds the activations to uint8, and on x86 CPUs without VNNI it adds pairs of u8 × s8 products in
+  int16 with saturation, which 8-bit values overflow (onnxruntime's quantizer calls the remedy
+  ``reduce_range``).
 - int4: symmetric, blocks of ``block`` rows along K (one block when K ≤ block), packed two per byte
   along K, fp16 scales [K/block, N]; unpacked with bit ops, since .onnx_adapter has no int4 type.
 """
@@ -31,6 +34,7 @@ _MIN_SCALE = np.float32(2.0**-24)  # keeps fp16 scales from rounding to zero on 
 _FP16_MAX = float(np.finfo(np.float16).max)
 _LIMITS = {"fp16": _FP16_MAX, "int4": 7 * _FP16_MAX}  # largest value whose (fp16) scale fits
 _INT8 = 127
+_INT8_A = 63  # what a u8 × s8 pair sum in int16 leaves for an int8 a: 2 · 255 · 63 < 2**15
 
 
 def check_dtype(dtype: str) -> str:
@@ -139,8 +143,8 @@ def encode(tensor: str, x: np.ndarray, dtype: str, block: int = 32) -> dict[str,
                                 f"whose rows span ±{_INT8}; this one reaches {peak:.3g}")
         return {names[0]: np.clip(np.rint(x), -_INT8, _INT8).astype(np.int8)}
     if dtype == "int8":
-        scale = np.maximum(np.abs(x).max(axis=0, initial=0) / _INT8, np.finfo(np.float32).tiny).astype(np.float32)
-        return {names[0]: np.clip(np.rint(x / scale), -_INT8, _INT8).astype(np.int8), names[1]: scale}
+        scale = np.maximum(np.abs(x).max(axis=0, initial=0) / _INT8_A, np.finfo(np.float32).tiny).astype(np.float32)
+        return {names[0]: np.clip(np.rint(x / scale), -_INT8_A, _INT8_A).astype(np.int8), names[1]: scale}
     if x.ndim != 2:
         raise EdgeLoraError(f"{tensor}: int4 factors are 2-D; a slot group's tiled factor takes fp32, fp16 or int8")
     k, n = x.shape
