@@ -23,9 +23,9 @@ def quantize_base(proto: onnx.ModelProto, options: ExportOptions, slot_tensors: 
     Slot MatMuls are excluded by name: with fp32 slots their factors are initializers too (the
     zero defaults), and the quantizer would otherwise freeze them into 4-bit constants.
     """
-    bits = BITS.get(options.quantize, 0)
-    if bits == 0:
+    if options.quantize not in BITS:
         raise EdgeLoraError(f"--quantize {options.quantize!r}: use one of {', '.join(BITS)}")
+    bits = BITS[options.quantize]
     if bits is None:
         return proto
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

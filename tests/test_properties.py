@@ -88,8 +88,7 @@ def test_int8_of_grid_values_is_exact(x):
 @given(hnp.arrays(np.float32, st.tuples(dims, dims), elements=finite32))
 def test_an_int8_a_cannot_saturate_a_u8_s8_kernel(x):
     """onnxruntime multiplies a stored int8 ``a`` with activations rounded to uint8; x86 CPUs without VNNI add
-    pairs of those products in int16 with saturation, which 8-bit values overflow (a test adapter's logits then
-    erred by 2.0% against PEFT, where 7 bits give 0.25%)."""
+    pairs of those products in int16 with saturation, which 8-bit values overflow (docs/format.md)."""
     stored = codec.encode("t.lora_A", x, "int8")["t.lora_A.int8"].astype(np.int64)
     assert 2 * 255 * np.abs(stored).max(initial=0) <= np.iinfo(np.int16).max
 
