@@ -519,8 +519,10 @@ def cpu() -> str:
     """The CPU and its widest int8 dot product: every system here runs other kernels on AVX2 alone than with
     VNNI, so a run's ratios hold for its class of CPU."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    first = {}  # the first processor's fields; every core of these machines is the same
+    for key, _, value in (line.partition(":") for line in info.splitlines()):
+        first.setdefault(key.strip(), value.strip())
+    model, flags = first.get("model name", "?"), set(first.get("flags", "").split())
     widest = next((name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"),
                                            ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2, no VNNI")) if flag in flags),
                   "no AVX2")
